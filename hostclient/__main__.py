@@ -1,0 +1,3 @@
+from hostclient.cli import main
+
+raise SystemExit(main())

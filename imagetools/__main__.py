@@ -1,0 +1,3 @@
+from imagetools.cli import main
+
+raise SystemExit(main())
