@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from agent.platform import Platform
 
@@ -28,6 +28,19 @@ class Context:
     #: per-family runtime state, e.g. services["file"] = the handle table
     services: dict[str, Any] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("qga"))
+    #: set by guest-sync-delimited: its response goes out after a 0xFF byte
+    delimit_response: bool = False
+    #: told of every change of the frozen state, as ``listener(frozen)``
+    frozen_listeners: list[Callable[[bool], None]] = field(default_factory=list)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Enter or leave the frozen state; the dispatcher, logging and the
+        state directory follow through their listeners."""
+        if frozen == self.frozen:
+            return
+        self.frozen = frozen
+        for listener in list(self.frozen_listeners):
+            listener(frozen)
 
     def service(self, name: str, factory: Any) -> Any:
         """The runtime state of family ``name``, created by ``factory(self)`` on first use."""
