@@ -7,6 +7,30 @@ Commands (convert, compare, map, commit, measure, ...) only ever use this
 interface, so they work for every format and move data extent by extent,
 never cluster by cluster.
 
+Opening and creating go through :mod:`imagetools.image` (``open_image``,
+``create_image``), which probes the format, takes the image locks and opens
+the whole backing chain; a driver's own ``open`` only opens one file.
+
+What a driver class offers (class level):
+
+``format_name``                 the name used by -f/-O and in info
+``probe(header, filename)``     0..100: how sure it is that a file is this format
+``open(filename, *, read_only, force_share)``  open one image, no backing
+``create(filename, size, options)``            create a new image file
+``supports_backing``            whether the format can have a backing file
+
+What an open driver offers (the instance), beyond data and status:
+
+``size`` ``read`` ``read_into`` ``write`` ``write_zeroes`` ``discard``
+``block_status`` ``flush`` ``close`` -- the data path (below).
+``allocated_size()``  host bytes in use ("disk size"); ``cluster_size``;
+``backing_filename`` / ``backing_format`` as recorded; ``backing`` the
+opened backing driver (set by ``open_image``); ``format_specific()``;
+``is_dirty()``; ``encrypted``; ``snapshots()``; ``open_snapshot()``;
+``check()``; ``has_zero_init()``; ``compressor()`` / ``write_compressed_blob``
+(parallel compression for convert -c); ``data_filename`` (qcow2 external
+data file); ``chain()`` (this image and its backing files, top first).
+
 Changing this interface: only additively (new methods with a default here,
 new optional keyword arguments), so that commands and drivers written
 against it keep working.
@@ -14,11 +38,12 @@ against it keep working.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from imagetools.formats.qcow2.check import CheckResult
 
 
-@dataclass(frozen=True, slots=True)
 class Extent:
     """A run of guest bytes ``[start, start + length)`` with one status.
 
@@ -34,21 +59,152 @@ class Extent:
     ``depth``    0 for this image, 1 for its backing file, ...; for
                  unallocated runs, the number of backing files
     ``filename`` the file holding the data (for human map); None if not data
+    ``compressed`` the run is stored compressed (qemu-img 8.2's member)
+
+    An immutable value (a plain slotted class rather than a dataclass, so
+    that importing the engine stays cheap for ``qimg info``).
     """
 
-    start: int
-    length: int
-    present: bool
-    zero: bool
-    data: bool
-    offset: int | None
-    depth: int
-    filename: str | None = None
-    compressed: bool = False
+    __slots__ = ("start", "length", "present", "zero", "data", "offset", "depth",
+                 "filename", "compressed")
+
+    def __init__(self, start: int, length: int, present: bool, zero: bool, data: bool,
+                 offset: int | None, depth: int, filename: str | None = None,
+                 compressed: bool = False) -> None:
+        set_ = object.__setattr__
+        set_(self, "start", start)
+        set_(self, "length", length)
+        set_(self, "present", present)
+        set_(self, "zero", zero)
+        set_(self, "data", data)
+        set_(self, "offset", offset)
+        set_(self, "depth", depth)
+        set_(self, "filename", filename)
+        set_(self, "compressed", compressed)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Extent is immutable")
 
     @property
     def end(self) -> int:
         return self.start + self.length
+
+    def _key(self) -> tuple:
+        return (self.start, self.length, self.present, self.zero, self.data, self.offset,
+                self.depth, self.filename, self.compressed)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Extent):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return ("Extent(start={}, length={}, present={}, zero={}, data={}, offset={}, "
+                "depth={}, filename={!r}, compressed={})").format(*self._key())
+
+    def same_status(self, other: "Extent") -> bool:
+        """True if ``other`` directly follows this run and can be merged into it.
+
+        That is qemu-img map's merge rule: same depth, present, zero, data,
+        compressed and file, and host offsets (if any) contiguous.
+        """
+        if (other.start != self.end or other.depth != self.depth
+                or other.present != self.present or other.zero != self.zero
+                or other.data != self.data or other.compressed != self.compressed
+                or other.filename != self.filename):
+            return False
+        if self.offset is None or other.offset is None:
+            return self.offset is None and other.offset is None
+        return other.offset == self.offset + self.length
+
+    def merged(self, other: "Extent") -> "Extent":
+        """This run extended by ``other`` (which must satisfy ``same_status``)."""
+        return Extent(self.start, self.length + other.length, self.present, self.zero,
+                      self.data, self.offset, self.depth, self.filename, self.compressed)
+
+    def clipped(self, start: int, end: int) -> "Extent":
+        """The part of this run inside ``[start, end)`` (offset moved along)."""
+        s = max(start, self.start)
+        e = min(end, self.end)
+        off = None if self.offset is None else self.offset + (s - self.start)
+        return Extent(s, e - s, self.present, self.zero, self.data, off, self.depth,
+                      self.filename, self.compressed)
+
+    def deeper(self, levels: int = 1) -> "Extent":
+        """The same run seen from ``levels`` images higher in the chain."""
+        return Extent(self.start, self.length, self.present, self.zero, self.data,
+                      self.offset, self.depth + levels, self.filename, self.compressed)
+
+
+def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Merge adjacent runs with the same status (qemu-img map's rule)."""
+    current: Extent | None = None
+    for ext in extents:
+        if current is not None and current.same_status(ext):
+            current = current.merged(ext)
+            continue
+        if current is not None:
+            yield current
+        current = ext
+    if current is not None:
+        yield current
+
+
+class SnapshotInfo:
+    """One internal snapshot, as ``qemu-img info`` / ``snapshot -l`` show it.
+
+    ``id`` and ``name`` are strings; ``vm_state_size`` bytes; ``date_sec`` /
+    ``date_nsec`` the wall-clock time it was taken; ``vm_clock_nsec`` the
+    guest clock (ns); ``icount`` the instruction count or None when the
+    snapshot records none; ``disk_size`` the virtual size at the time (None
+    if not recorded, then it is the image's size).
+    """
+
+    __slots__ = ("id", "name", "vm_state_size", "date_sec", "date_nsec", "vm_clock_nsec",
+                 "icount", "disk_size", "l1_table_offset", "l1_size", "extra")
+
+    def __init__(self, id: str, name: str, vm_state_size: int, date_sec: int, date_nsec: int,
+                 vm_clock_nsec: int, icount: int | None, disk_size: int | None,
+                 l1_table_offset: int = 0, l1_size: int = 0, extra: bytes = b"") -> None:
+        self.id = id
+        self.name = name
+        self.vm_state_size = vm_state_size
+        self.date_sec = date_sec
+        self.date_nsec = date_nsec
+        self.vm_clock_nsec = vm_clock_nsec
+        self.icount = icount
+        self.disk_size = disk_size
+        self.l1_table_offset = l1_table_offset
+        self.l1_size = l1_size
+        self.extra = extra
+
+    def __repr__(self) -> str:
+        return f"SnapshotInfo(id={self.id!r}, name={self.name!r})"
+
+    @property
+    def vm_clock_sec(self) -> int:
+        return self.vm_clock_nsec // 1_000_000_000
+
+    def to_json(self) -> dict[str, Any]:
+        """The SnapshotInfo members qemu-img info --output=json prints (schema order).
+
+        The caller decides the printed order (qemu-img uses hash order).
+        """
+        out: dict[str, Any] = {
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount is not None:
+            out["icount"] = self.icount
+        return out
 
 
 class Driver:
@@ -56,12 +212,53 @@ class Driver:
 
     #: the name used by -f/-O and in info ("raw", "qcow2", ...)
     format_name: str = ""
+    #: whether images of this format can have a backing file
+    supports_backing: bool = False
+    #: whether the engine can open images of this format (probe-only
+    #: drivers for formats QEMU knows but qimg does not handle yet say False)
+    can_open: bool = True
 
     def __init__(self, filename: str, *, read_only: bool = True) -> None:
         self.filename = filename
         self.read_only = read_only
         #: the opened backing image, or None
         self.backing: Driver | None = None
+        #: whether the format was given (-f) or probed; set by open_image
+        self.format_probed = False
+
+    # -- class level: probe, open, create --------------------------------
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        """How sure this format is about a file starting with ``header``.
+
+        0: not this format; 100: certain (magic matches); QEMU's scores.
+        ``header`` is at least the first 2048 bytes (less if the file is
+        shorter). raw never claims a file by probing (it is the fallback).
+        """
+        return 0
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
+             probed: bool = False) -> "Driver":
+        """Open one image file of this format (no backing chain, no locks).
+
+        ``probed`` says the format was guessed, not given; raw then refuses
+        writes to its first sector that would make it look like another
+        format, as QEMU does. Raises :class:`~imagetools.errors.ImageOpenError`
+        with qemu-img's reason.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        """Create a new image (truncating an existing file), as qemu-img create.
+
+        ``options`` are the ``-o`` options (see the format module for names
+        and value types). Raises ImageError with qemu-img's message, without
+        the ``FILENAME: `` prefix the CLI adds.
+        """
+        raise NotImplementedError
 
     # -- size and data -------------------------------------------------
 
@@ -71,10 +268,19 @@ class Driver:
         raise NotImplementedError
 
     def read(self, offset: int, length: int) -> bytes:
-        """Guest bytes ``[offset, offset+length)``, through the backing chain."""
+        """Guest bytes ``[offset, offset+length)``, through the backing chain.
+
+        Ranges past the end of the backing chain read as zeros; reading past
+        ``size`` is an error.
+        """
         raise NotImplementedError
 
-    def write(self, offset: int, data: bytes) -> None:
+    def read_into(self, offset: int, buf: memoryview | bytearray) -> None:
+        """Fill ``buf`` with guest bytes from ``offset`` (avoids a copy where it can)."""
+        view = memoryview(buf).cast("B")
+        view[:] = self.read(offset, len(view))
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
@@ -86,21 +292,49 @@ class Driver:
         raise NotImplementedError
 
     def write_compressed(self, offset: int, data: bytes) -> None:
-        """Write one whole cluster compressed (formats that support it)."""
-        raise NotImplementedError
+        """Write one whole cluster compressed (formats that support it).
+
+        ``offset`` is cluster aligned and ``data`` one cluster long (the last
+        cluster of the image may be shorter). Data that does not compress is
+        written uncompressed, as QEMU does.
+        """
+        self.write_compressed_blob(offset, self.compressor()(data), len(data))
+
+    def compressor(self) -> Callable[[bytes], bytes | None]:
+        """A thread-safe function: one cluster of data -> compressed blob or None.
+
+        It only compresses (zlib/zstd release the GIL), so convert can run it
+        in worker threads; the results go to :meth:`write_compressed_blob` in
+        guest order. None means "does not compress, store it plain".
+        """
+        raise NotImplementedError(f"{self.format_name} does not support compression")
+
+    def write_compressed_blob(self, offset: int, blob: bytes | None, length: int,
+                              plain: bytes | None = None) -> None:
+        """Store one cluster at guest ``offset`` given the compressor's result.
+
+        ``blob`` is what :meth:`compressor` returned for the cluster's data;
+        if it is None the cluster is written uncompressed from ``plain``.
+        """
+        raise NotImplementedError(f"{self.format_name} does not support compression")
 
     # -- status --------------------------------------------------------
 
     def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Extents covering ``[offset, offset+length)`` in order, through the chain.
 
-        Adjacent extents may have equal status; callers merge as they need.
+        Adjacent extents may have equal status; callers merge as they need
+        (:func:`merge_extents` applies qemu-img map's rule).
         """
         raise NotImplementedError
 
     def allocated_size(self) -> int | None:
         """Bytes the image occupies on the host ("disk size"), if known."""
         return None
+
+    def has_zero_init(self) -> bool:
+        """Whether unwritten ranges of a freshly created image read as zeros."""
+        return False
 
     # -- metadata ------------------------------------------------------
 
@@ -118,12 +352,43 @@ class Driver:
     def backing_format(self) -> str | None:
         return None
 
+    @property
+    def data_filename(self) -> str | None:
+        """Name of an external data file as recorded (qcow2 data_file), or None."""
+        return None
+
+    @property
+    def encrypted(self) -> bool:
+        return False
+
     def format_specific(self) -> dict[str, Any] | None:
         """``format-specific`` of qemu-img info JSON (``{"type": ..., "data": ...}``)."""
         return None
 
     def is_dirty(self) -> bool:
         return False
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Internal snapshots in table order (empty for formats without them)."""
+        return []
+
+    def open_snapshot(self, name_or_id: str) -> "Driver":
+        """A read-only view of an internal snapshot's content (convert -l / -s)."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError(f"Failed to load snapshot: {self.format_name} images have "
+                               "no internal snapshots")
+
+    def check(self) -> "CheckResult":
+        """Consistency check (detection only), as qemu-img check reports it."""
+        from imagetools.errors import CheckNotSupported
+        raise CheckNotSupported()
+
+    def chain(self) -> Iterator["Driver"]:
+        """This image, then its backing file, then that one's, ..."""
+        node: Driver | None = self
+        while node is not None:
+            yield node
+            node = node.backing
 
     # -- lifetime ------------------------------------------------------
 

@@ -1,0 +1,297 @@
+"""The host file under an image (QEMU's "file" / "host_device" protocol).
+
+One :class:`HostFile` is one open file descriptor with the operations the
+format drivers need: positioned reads and writes that never come back short
+without saying why, the file or block-device length, allocation queries
+(SEEK_DATA / SEEK_HOLE), zeroing and hole punching (fallocate on files,
+BLKZEROOUT / BLKDISCARD on block devices), truncation and flushing. Errors
+become :class:`~imagetools.errors.ImageIOError` or, at open time,
+:class:`~imagetools.errors.ImageOpenError` worded as QEMU words them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+
+from imagetools.errors import ImageIOError, ImageOpenError
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLKGETSIZE64 = 0x80081272
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+
+_fallocate_fn = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate_fn = (fn, ctypes)
+    fn, ctypes = _fallocate_fn
+    if fn(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def io_error(what: str, err: OSError) -> ImageIOError:
+    return ImageIOError(f"{what}: {err.strerror or err}", err.errno)
+
+
+class HostFile:
+    """An open host file or block device."""
+
+    def __init__(self, fd: int, filename: str, read_only: bool) -> None:
+        self.fd = fd
+        self.filename = filename
+        self.read_only = read_only
+        st = os.fstat(fd)
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        self.dev_ino = (st.st_dev, st.st_ino)
+        self._can_zero_range = True
+        self._can_punch = True
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = True, create: bool = False,
+             lock: bool = True, force_share: bool = False, metadata: bool = True,
+             data_file: bool = False) -> "HostFile":
+        """Open ``filename`` and take QEMU's image locks on it.
+
+        Errors read ``Could not open 'F': <strerror>`` (ImageOpenError) or
+        are the lock conflict (ImageLockedError). ``create`` makes the file
+        if needed but does not truncate it: the caller truncates once the
+        locks are held, as QEMU does, so a file in use is never clobbered.
+        """
+        flags = os.O_CLOEXEC | (os.O_RDONLY if read_only else os.O_RDWR)
+        if create:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(filename, flags, 0o644)
+        except OSError as err:
+            reason = f"Could not open '{filename}': {err.strerror}"
+            raise ImageOpenError(filename, reason) from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageOpenError(filename, "'file' driver requires "
+                                     f"'{filename}' to be a regular file")
+            if lock:
+                from imagetools.locking import lock_image
+                lock_image(fd, filename, read_only=read_only, force_share=force_share,
+                           metadata=metadata, data_file=data_file)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, filename, read_only)
+
+    # -- size and allocation --------------------------------------------
+
+    def length(self) -> int:
+        """Bytes in the file (or block device)."""
+        try:
+            if self.is_block:
+                return os.lseek(self.fd, 0, os.SEEK_END)
+            return os.fstat(self.fd).st_size
+        except OSError as err:
+            raise io_error(f"Could not get the size of '{self.filename}'", err) from None
+
+    def allocated(self) -> int:
+        """Host bytes allocated to the file (st_blocks x 512); 0 for devices."""
+        try:
+            st = os.fstat(self.fd)
+        except OSError as err:
+            raise io_error(f"Could not stat '{self.filename}'", err) from None
+        return 0 if self.is_block else st.st_blocks * 512
+
+    def data_runs(self, start: int, end: int):
+        """(offset, length, is_data) runs covering ``[start, end)`` of the file.
+
+        Uses SEEK_DATA / SEEK_HOLE; where the filesystem cannot tell, the
+        whole range is data. ``end`` must not pass the file length.
+        """
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.ENXIO:      # only a hole up to EOF
+                    yield pos, end - pos, False
+                    return
+                yield pos, end - pos, True        # no SEEK_DATA: assume data
+                return
+            if data > pos:
+                hole_end = min(data, end)
+                yield pos, hole_end - pos, False
+                pos = hole_end
+                continue
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(max(hole, pos + 1), end)
+            yield pos, hole - pos, True
+            pos = hole
+
+    # -- data ---------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
+        try:
+            data = os.pread(self.fd, length, offset)
+            if len(data) == length or not data:
+                return data
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            return b"".join(parts)
+        except OSError as err:
+            raise io_error(f"Could not read '{self.filename}'", err) from None
+
+    def pread_full(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes; past end of file reads as zeros."""
+        data = self.pread(offset, length)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def preadinto(self, offset: int, view: memoryview) -> int:
+        """Fill ``view`` from ``offset``; zero-fills past end of file. Returns bytes read."""
+        total = len(view)
+        got = 0
+        try:
+            while got < total:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+                if n == 0:
+                    view[got:] = bytes(total - got)
+                    break
+                got += n
+        except OSError as err:
+            raise io_error(f"Could not read '{self.filename}'", err) from None
+        return got
+
+    def pwrite(self, offset: int, data) -> None:
+        """Write all of ``data`` at ``offset``."""
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as err:
+            raise io_error(f"Could not write to '{self.filename}'", err) from None
+
+    def pwritev(self, offset: int, buffers: list) -> None:
+        """Write several buffers back to back starting at ``offset``."""
+        total = sum(len(b) for b in buffers)
+        try:
+            n = os.pwritev(self.fd, buffers, offset)
+        except OSError as err:
+            raise io_error(f"Could not write to '{self.filename}'", err) from None
+        if n < total:
+            self.pwrite(offset + n, b"".join(bytes(b) for b in buffers)[n:])
+
+    # -- zeroes, holes, size ---------------------------------------------
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make ``[offset, offset+length)`` read as zeros, cheaply where possible.
+
+        ``unmap`` allows freeing the space (punch a hole); otherwise the
+        range stays allocated (FALLOC_FL_ZERO_RANGE) as QEMU does.
+        """
+        if length <= 0:
+            return
+        if self.is_block:
+            if self._ioctl_range(BLKZEROOUT, offset, length):
+                return
+        else:
+            if unmap and self.punch_hole(offset, length):
+                return
+            if self._can_zero_range:
+                try:
+                    _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+                    return
+                except OSError as err:
+                    if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise io_error(f"Could not write zeroes to '{self.filename}'",
+                                       err) from None
+                    self._can_zero_range = False
+        self.write_zero_data(offset, length)
+
+    def write_zero_data(self, offset: int, length: int) -> None:
+        """Write real zero bytes (allocates; preallocation=full)."""
+        chunk = bytes(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            self.pwrite(pos, memoryview(chunk)[:n])
+            pos += n
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        """Free ``[offset, offset+length)`` (reads zeros after); False if unsupported."""
+        if length <= 0:
+            return True
+        if self.is_block:
+            return self._ioctl_range(BLKDISCARD, offset, length)
+        if not self._can_punch:
+            return False
+        try:
+            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            return True
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._can_punch = False
+                return False
+            raise io_error(f"Could not discard in '{self.filename}'", err) from None
+
+    def _ioctl_range(self, request: int, offset: int, length: int) -> bool:
+        try:
+            fcntl.ioctl(self.fd, request, struct.pack("QQ", offset, length))
+            return True
+        except OSError:
+            return False
+
+    def truncate(self, length: int) -> None:
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as err:
+            raise io_error(f"Could not resize '{self.filename}'", err) from None
+
+    def fallocate(self, offset: int, length: int) -> None:
+        """Reserve space (posix_fallocate), extending the file if needed."""
+        if length <= 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as err:
+            raise io_error(f"Could not preallocate data for '{self.filename}'", err) from None
+
+    def flush(self) -> None:
+        if self.read_only:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise io_error(f"Could not flush '{self.filename}'", err) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            finally:
+                self.fd = -1

@@ -1,0 +1,68 @@
+"""Helpers for the format-driver tests: run the QEMU oracles, compare maps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from imagetools.formats.base import merge_extents
+
+
+def run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a command with LC_ALL=C; fail the test with its stderr when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
+    if check and proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def qemu_map(qemu_img: str, path: str, fmt: str | None = None) -> list[dict]:
+    """qemu-img map --output=json as a list of dicts."""
+    cmd = [qemu_img, "map", "--output=json"]
+    if fmt:
+        cmd += ["-f", fmt]
+    return json.loads(run(*cmd, path).stdout)
+
+
+def our_map(drv) -> list[dict]:
+    """Our block status in qemu-img map's JSON shape (merged as qemu-img merges)."""
+    out = []
+    for ext in merge_extents(drv.block_status()):
+        entry = {"start": ext.start, "length": ext.length, "depth": ext.depth,
+                 "present": ext.present, "zero": ext.zero, "data": ext.data}
+        if ext.offset is not None:
+            entry["offset"] = ext.offset
+        out.append(entry)
+    return out
+
+
+def io_cmds(qemu_io_path: str, path: str, *commands: str, fmt: str = "qcow2") -> None:
+    args = [qemu_io_path, "-f", fmt]
+    for c in commands:
+        args += ["-c", c]
+    run(*args, path)
+
+
+def qemu_raw_bytes(qemu_img: str, path: str, tmp_path, fmt: str | None = None) -> bytes:
+    """The guest content according to qemu-img convert -O raw."""
+    out = tmp_path / f"oracle-{abs(hash(path))}.raw"
+    cmd = [qemu_img, "convert", "-O", "raw"]
+    if fmt:
+        cmd += ["-f", fmt]
+    run(*cmd, path, str(out))
+    return out.read_bytes()
+
+
+def qemu_check(qemu_img: str, path: str) -> dict:
+    """qemu-img check --output=json (any exit code) as a dict plus 'rc' and 'stderr'."""
+    proc = run(qemu_img, "check", "--output=json", path, check=False)
+    try:
+        result = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    except json.JSONDecodeError:
+        result = {}
+    result["rc"] = proc.returncode
+    result["stderr"] = proc.stderr
+    return result

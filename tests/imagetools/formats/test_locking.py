@@ -1,0 +1,151 @@
+"""QEMU's image locks, both ways: qimg honours QEMU's, QEMU honours qimg's.
+
+The judge is always the real tool in the same situation: whatever qemu-img
+does beside a given holder, qimg must do too, with the same message.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import run
+
+from imagetools.errors import ImageLockedError
+from imagetools.image import create_image, open_image
+from imagetools.locking import LOCK_PERM_BASE, LOCK_SHARED_BASE
+
+pytestmark = [pytest.mark.oracle, pytest.mark.timeout(60)]
+
+
+def held_bytes(path: str) -> set[int]:
+    """Byte offsets of ``path`` locked by anyone, from /proc/locks."""
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    held = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields or len(fields) < 8 or fields[5] != dev:
+                continue
+            start = int(fields[6])
+            end = start if fields[7] == "EOF" else int(fields[7])
+            held.update(range(start, end + 1))
+    return held
+
+
+class Holder:
+    """A QEMU process keeping an image open (and locked) until closed."""
+
+    def __init__(self, cmd: list[str], path: str, expect: int) -> None:
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 20
+        while expect not in held_bytes(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                _, err = self.proc.communicate()
+                pytest.fail(f"{cmd[0]} did not lock {path}: {err!r}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+    def __enter__(self) -> "Holder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def qemu_io_holder(qemu_io: str, path: str, fmt: str, *args: str) -> Holder:
+    return Holder([qemu_io, *args, "-f", fmt, path], path, LOCK_PERM_BASE)
+
+
+def vm_holder(qemu_system: str, path: str, fmt: str) -> Holder:
+    """A paused VM (-S, no firmware run) with the image as its virtio disk."""
+    return Holder([qemu_system, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
+                   "-S", "-monitor", "none", "-serial", "none",
+                   "-drive", f"file={path},format={fmt},if=virtio"], path, LOCK_SHARED_BASE + 1)
+
+
+def outcome_ours(path: str, fmt: str, *, read_only: bool, force_share: bool = False) -> str:
+    """'ok' or qemu-img's message for our open."""
+    try:
+        with open_image(path, fmt, read_only=read_only, force_share=force_share):
+            return "ok"
+    except ImageLockedError as err:
+        return f"qemu-img: {err}\n"
+
+
+def outcome_qemu_img(qemu_img: str, path: str, fmt: str, src: str, *, read_only: bool,
+                     force_share: bool = False) -> str:
+    if read_only:
+        cmd = [qemu_img, "info", "-f", fmt] + (["-U"] if force_share else []) + [path]
+    else:
+        cmd = [qemu_img, "convert", "-n", "-f", "raw", "-O", fmt, src, path]
+    proc = run(*cmd, check=False)
+    return "ok" if proc.returncode == 0 else proc.stderr
+
+
+@pytest.fixture
+def raw_image(tmp_path):
+    path = str(tmp_path / "locked.raw")
+    create_image(path, "raw", 1 << 20, {})
+    src = str(tmp_path / "src.raw")
+    create_image(src, "raw", 1 << 20, {})
+    return path, src
+
+
+MODES = [dict(read_only=False), dict(read_only=True),
+         dict(read_only=True, force_share=True)]
+
+
+def test_raw_beside_qemu_io_writer_behaves_like_qemu_img(qemu_img, qemu_io, raw_image):
+    path, src = raw_image
+    with qemu_io_holder(qemu_io, path, "raw"):
+        for mode in MODES:
+            assert outcome_ours(path, "raw", **mode) == \
+                outcome_qemu_img(qemu_img, path, "raw", src, **mode), mode
+
+
+@pytest.mark.slow
+def test_raw_disk_of_running_vm_refuses_writers(qemu_img, qemu_system, raw_image):
+    path, src = raw_image
+    with vm_holder(qemu_system, path, "raw"):
+        results = {}
+        for mode in MODES:
+            ours = outcome_ours(path, "raw", **mode)
+            assert ours == outcome_qemu_img(qemu_img, path, "raw", src, **mode), mode
+            results[tuple(mode.items())] = ours
+    assert results[(("read_only", False),)] == (
+        f"qemu-img: Could not open '{path}': Failed to get \"write\" lock\n"
+        f"Is another process using the image [{path}]?\n")
+    assert results[(("read_only", True),)] == "ok"
+
+
+@pytest.mark.slow
+def test_vm_refuses_raw_image_qimg_writes(qemu_system, raw_image):
+    path, _ = raw_image
+    with open_image(path, "raw", read_only=False):
+        assert held_bytes(path) == {LOCK_PERM_BASE, LOCK_PERM_BASE + 1}
+        proc = subprocess.run([qemu_system, "-M", "pc", "-accel", "tcg", "-nodefaults",
+                               "-display", "none", "-S", "-monitor", "none", "-serial", "none",
+                               "-drive", f"file={path},format=raw,if=virtio"],
+                              capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1
+        assert 'Failed to get shared "write" lock' in proc.stderr
+    assert held_bytes(path) == set()
+
+
+def test_locks_vanish_on_close(raw_image):
+    path, _ = raw_image
+    drv = open_image(path, "raw")
+    assert held_bytes(path) == {LOCK_PERM_BASE}
+    drv.close()
+    assert held_bytes(path) == set()
