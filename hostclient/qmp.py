@@ -67,6 +67,11 @@ class Monitor:
         self._client.register_listener(self._events)
         try:
             self._run(self._client.connect(self.path), timeout or self.timeout, "connect")
+        except QmpTimeout:
+            self.close()
+            raise QmpUnavailable(f"QEMU sent no QMP greeting on {self.path} within "
+                                 f"{timeout or self.timeout:g} s; a QMP socket serves one client "
+                                 "at a time: is another one (libvirt?) connected?") from None
         except QmpError:
             self.close()
             raise

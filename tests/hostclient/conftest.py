@@ -84,6 +84,7 @@ class PausedVM:
         self.qemu_img = qemu_img
         self.workdir = workdir
         self.qmp = str(sockdir / "qmp.sock")
+        self.qmp2 = str(sockdir / "qmp2.sock")      # a second monitor for the test itself
         self.proc: subprocess.Popen | None = None
         self.images: dict[str, Path] = {}
 
@@ -104,11 +105,12 @@ class PausedVM:
 
     def start(self, args: list[str]) -> None:
         cmd = [self.qemu, "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
-               "-display", "none", "-qmp", f"unix:{self.qmp},server=on,wait=off", *args]
+               "-display", "none", "-qmp", f"unix:{self.qmp},server=on,wait=off",
+               "-qmp", f"unix:{self.qmp2},server=on,wait=off", *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.qmp):
+        while not (os.path.exists(self.qmp) and os.path.exists(self.qmp2)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {self.proc.stderr.read().decode()}")
             time.sleep(0.02)
