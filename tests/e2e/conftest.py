@@ -29,3 +29,4 @@ def ext4_qcow2(tmp_path: Path, qemu_img: str) -> Path:
     if shutil.which("mkfs.ext4") is None:
         pytest.skip("mkfs.ext4 not installed (Debian package e2fsprogs)")
     return make_ext4_qcow2(tmp_path / "data.qcow2", "64M", qemu_img)
+
