@@ -33,14 +33,14 @@ def _agent_choice(serves: bool) -> tuple[str, str]:
 
 def main() -> int:
     e2e = REPO / "tests" / "e2e"
-    if not (e2e / "proof.py").exists():
+    if not (e2e / "e2e_proof.py").exists():
         print("quiesce demo: needs a source checkout (tests/e2e holds the guest builder)")
         return 1
     sys.path.insert(0, str(e2e))
-    import readiness
+    import e2e_readiness as readiness
     from guest import GuestError, GuestUnavailable, kvm_usable
     from guest_build import ensure_guest_image
-    from proof import run_proof
+    from e2e_proof import run_proof
 
     print("quiesce demo: back up a running guest while it writes, then prove the backup")
     if not readiness.ENGINE_READY:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from readiness import AGENTS, needs_engine
-from proof import run_proof
+from e2e_readiness import AGENTS, needs_engine
+from e2e_proof import run_proof
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.oracle]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from readiness import AGENTS
+from e2e_readiness import AGENTS
 from guest import DataDisk, GuestSpec, boot_guest
 from hostclient.agentclient import AgentClient, AgentTimeouts
 from hostclient.errors import AgentCommandError

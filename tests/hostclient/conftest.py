@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from fake_agent import FakeAgent
+from hc_fake_agent import FakeAgent
 
 #: Commands the host's real qemu-ga must never run here: it would act on
 #: this machine (freeze its filesystems, shut it down, change its clock...).

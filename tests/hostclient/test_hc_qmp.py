@@ -8,27 +8,11 @@ import subprocess
 import pytest
 
 from hostclient.errors import BackupError, BlockJobError, QmpCommandError, QmpUnavailable
+from hc_helpers import hmp_write, read_at
 from hostclient.qmp import Monitor, Overlay, choose_disks, commit_back, list_disks, nodes_using, \
     snapshot, top_node
 
 pytestmark = pytest.mark.oracle
-
-
-def hmp_write(mon: Monitor, dev_id: str, pattern: int, offset: int, length: int) -> None:
-    out = mon.execute("human-monitor-command", {
-        "command-line": f'qemu-io -d {dev_id} "write -P {pattern} {offset} {length}"'})
-    assert "error" not in out.lower(), out   # qemu-io prints its own report on QEMU's stdout
-
-
-def read_at(qemu_img: str, path, offset: int, length: int) -> bytes:
-    raw = str(path) + ".read"
-    subprocess.run([qemu_img, "convert", "-U", "-O", "raw", str(path), raw], check=True)
-    try:
-        with open(raw, "rb") as f:
-            f.seek(offset)
-            return f.read(length)
-    finally:
-        os.unlink(raw)
 
 
 @pytest.fixture

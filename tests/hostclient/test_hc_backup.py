@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from engine_double import QemuImgEngine
-from fake_agent import FakeAgent
+from hc_engine_double import QemuImgEngine
+from hc_fake_agent import FakeAgent
 from hostclient.backup import run_backup
 from hostclient.config import BackupConfig, Timeouts
 from hostclient.errors import BackupError, ConfigError
 from hostclient.interrupt import CancelToken
 from hostclient.manifest import read_manifest
 from hostclient.qmp import Monitor, list_disks
-from test_qmp import hmp_write, read_at
+from hc_helpers import hmp_write, read_at
 
 pytestmark = pytest.mark.oracle
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_double import QemuImgEngine
+from hc_engine_double import QemuImgEngine
 from hostclient.backup import run_backup
 from hostclient.cli import main
 from hostclient.config import BackupConfig
