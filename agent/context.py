@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agent.platform import Platform
+from agent.timers import Scheduler
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Context:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("qga"))
     #: set by guest-sync-delimited: its response goes out after a 0xFF byte
     delimit_response: bool = False
+    #: timers run by the daemon's loop (``ctx.timers.call_later(delay, fn)``)
+    timers: Scheduler = field(default_factory=Scheduler)
     #: told of every change of the frozen state, as ``listener(frozen)``
     frozen_listeners: list[Callable[[bool], None]] = field(default_factory=list)
 

@@ -53,7 +53,10 @@ def registration_order(commands: dict[str, registry.Command]) -> list[str]:
 
 class Dispatcher:
     def __init__(self, ctx: Context, blocked: Iterable[str] = (),
-                 commands: dict[str, registry.Command] | None = None) -> None:
+                 commands: dict[str, registry.Command] | None = None,
+                 listen: bool = True) -> None:
+        """``listen=False``: the caller forwards frozen-state changes itself
+        (the daemon does, to keep qemu-ga's order of log lines)."""
         self.ctx = ctx
         self.commands = registry.COMMANDS if commands is None else commands
         self.order = registration_order(self.commands)
@@ -61,14 +64,17 @@ class Dispatcher:
         self._checkers: dict[str, ArgumentChecker] = {}
         self.enabled = {name: True for name in self.order}
         self.reason: dict[str, str | None] = {name: None for name in self.order}
+        # an agent that starts frozen restricts first and then blocks, so a
+        # blocked command reports no reason (observed with qemu-ga 7.2)
+        if ctx.frozen:
+            self._restrict()
         for name in self.blocked:
             if name in self.enabled:
                 log.debug("disabling command: %s", name)
                 self._disable(name, None)
         ctx.services["dispatcher"] = self
-        ctx.frozen_listeners.append(self._frozen_changed)
-        if ctx.frozen:
-            self._restrict()
+        if listen:
+            ctx.frozen_listeners.append(self.frozen_changed)
 
     # ------------------------------------------------------------ state
 
@@ -82,7 +88,7 @@ class Dispatcher:
                 log.debug("disabling command: %s", name)
                 self._disable(name, FROZEN_REASON)
 
-    def _frozen_changed(self, frozen: bool) -> None:
+    def frozen_changed(self, frozen: bool) -> None:
         if frozen:
             self._restrict()
             return

@@ -15,6 +15,7 @@ import fcntl
 import os
 import pwd
 import re
+import signal
 import socket
 import stat as stat_module
 import struct
@@ -348,6 +349,56 @@ class Platform:
             os.close(fd)
         return buf.raw
 
+    # -- fsfreeze (agent core): FIFREEZE/FITHAW and the freeze hook ----------
+
+    def open_mountpoint(self, dirname: str) -> int:
+        """Open a mount point read-only for FIFREEZE/FITHAW; raises OSError."""
+        return os.open(self.path(dirname), os.O_RDONLY | os.O_CLOEXEC)
+
+    def fifreeze(self, fd: int) -> None:
+        fcntl.ioctl(fd, _FIFREEZE, 0)
+
+    def fithaw(self, fd: int) -> None:
+        fcntl.ioctl(fd, _FITHAW, 0)
+
+    def close_fd(self, fd: int) -> None:
+        os.close(fd)
+
+    def run_hook(self, path: str, arg: str, *, timeout: float | None = None,
+                 capture: bool = False) -> HookRun:
+        """Run the fsfreeze hook as qemu-ga does: ``path arg``, stdin on
+        /dev/null, a new session, the agent's environment and directory.
+
+        qemu-ga sends the hook's output to /dev/null and waits forever;
+        ``capture`` collects stdout+stderr instead, and ``timeout`` kills the
+        hook's whole session (TERM, then KILL) when it runs too long. A hook
+        that cannot be executed counts as exit status 1, as in qemu-ga.
+        """
+        try:
+            proc = subprocess.Popen([path, arg], executable=self.path(path),
+                                    stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+                                    start_new_session=True, close_fds=True)
+        except OSError:
+            return HookRun(1, b"", False)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+            return HookRun(proc.returncode, output or b"", False)
+        except subprocess.TimeoutExpired:
+            pass
+        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, None)):
+            try:
+                os.killpg(proc.pid, sig)
+            except OSError:
+                pass
+            try:
+                output, _ = proc.communicate(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        return HookRun(proc.returncode, output or b"", True)
+
 
 # -- values and helpers of the catalogue methods above ----------------------
 
@@ -433,3 +484,15 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@dataclass(frozen=True)
+class HookRun:
+    """How an fsfreeze hook ended: exit status (-N: killed by signal N)."""
+    status: int
+    output: bytes
+    timed_out: bool
+
+
+_FIFREEZE = 0xC0045877          # _IOWR('X', 119, int)
+_FITHAW = 0xC0045878            # _IOWR('X', 120, int)
