@@ -86,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.load_file(config, cfg.conf_path())
     except cfg.ConfigError as exc:
-        for warning in config.warnings:
-            agentlog.early("warning", warning)
+        for domain, warning in config.warnings:
+            agentlog.early("warning", warning, domain)
         agentlog.early("critical", exc.message)
         return 1
-    for warning in config.warnings:
-        agentlog.early("warning", warning)
+    for domain, warning in config.warnings:
+        agentlog.early("warning", warning, domain)
 
     try:
         action = cfg.parse_command_line(config, prog, args)

@@ -96,8 +96,9 @@ class Config:
     hook_timeout: float | None = None
     hook_log: bool = False
     watchdog: float | None = None
-    #: warnings to log once logging is set up (deprecated keys...)
-    warnings: list[str] = field(default_factory=list)
+    #: GLib warnings met while reading the file, in order: (domain, text);
+    #: domain "" is qemu-ga's own, "GLib" is GLib's
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def fill_defaults(self) -> None:
         """Default pidfile, statedir, method and the method's default path."""
@@ -176,8 +177,15 @@ def _apply(config: Config, kf: keyfile.KeyFile) -> None:
         try:
             return kf.get_boolean(GROUP, key) if kind == "bool" else kf.get_string(GROUP, key)
         except keyfile.KeyFileError as exc:
-            first_error.append(exc)
+            failed(exc)
             return None
+
+    def failed(exc: keyfile.KeyFileError) -> None:
+        if first_error:
+            # GLib complains when an error is set over a previous one
+            config.warnings.append(("GLib", _GERROR_OVERWRITE + exc.message))
+        else:
+            first_error.append(exc)
 
     # qemu-ga's order, which decides whose error is reported
     for kind, key, attr in (("bool", "daemon", "daemonize"), ("str", "method", "method"),
@@ -194,8 +202,8 @@ def _apply(config: Config, kf: keyfile.KeyFile) -> None:
         config.retry_path = value
     block_key = "block-rpcs"
     if kf.has_key(GROUP, "blacklist"):
-        config.warnings.append("config using deprecated 'blacklist' key, should be replaced"
-                               " with the 'block-rpcs' key.")
+        config.warnings.append(("", "config using deprecated 'blacklist' key, should be replaced"
+                                    " with the 'block-rpcs' key."))
         block_key = "blacklist"
     value = get("str", block_key)
     if value is not None:
@@ -210,11 +218,16 @@ def _apply(config: Config, kf: keyfile.KeyFile) -> None:
             try:
                 setattr(config, attr, _seconds(value))
             except ValueError:
-                first_error.append(keyfile.KeyFileError(
+                failed(keyfile.KeyFileError(
                     f"Key file contains key \u201c{key}\u201d which has a value "
                     "that cannot be interpreted."))
     if first_error:
         raise first_error[0]
+
+
+_GERROR_OVERWRITE = ("GError set over the top of a previous GError or uninitialized memory.\n"
+                     "This indicates a bug in someone's code. You must ensure an error is NULL "
+                     "before it's set.\nThe overwriting error message was: ")
 
 
 def _seconds(text: str) -> float | None:

@@ -89,13 +89,31 @@ def open_logfile(path: str) -> IO[str]:
     return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
 
 
-def early(level: str, message: str) -> None:
-    """GLib's default handler format, used before the agent's own is installed."""
+def early(level: str, message: str, domain: str = "") -> None:
+    """GLib's default handler format, used before the agent's own is installed.
+
+    Like g_printerr, it prints '?' for what the locale's charset lacks (all
+    of non-ASCII in the C locale).
+    """
     now = time.time()
     stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-    text = f"\n** (process:{os.getpid()}): {level.upper()} **: {stamp}: {message}\n"
+    if domain:
+        text = f"\n(process:{os.getpid()}): {domain}-{level.upper()} **: {stamp}: {message}\n"
+    else:
+        text = f"\n** (process:{os.getpid()}): {level.upper()} **: {stamp}: {message}\n"
+    data = text.encode("ascii", "replace") if _ascii_locale() else text.encode("utf-8", "replace")
     try:
-        sys.stderr.write(text)
         sys.stderr.flush()
-    except (OSError, ValueError):
+        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.flush()
+    except (OSError, ValueError, AttributeError):
         pass
+
+
+def _ascii_locale() -> bool:
+    for name in ("LC_ALL", "LC_CTYPE", "LANG"):
+        value = os.environ.get(name)
+        if value:
+            return value in ("C", "POSIX") or not any(
+                tag in value.lower() for tag in ("utf-8", "utf8"))
+    return True
