@@ -9,9 +9,11 @@ on its original image with no overlay left.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from e2e_readiness import AGENTS, needs_engine
+from e2e_readiness import AGENTS, ENGINE_READY, needs_engine
 from e2e_proof import run_proof
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.oracle]
@@ -33,3 +35,73 @@ def test_backup_of_a_real_guest_under_write_load(agent_name, guest_image, tmp_pa
     assert report.files_after > report.files_before
     for line in report.checks:
         print(line)
+
+
+@pytest.mark.timeout(180)
+def test_no_agent_in_the_guest(guest_image, ext4_qcow2, tmp_path, qemu_system):
+    """Agent silent (not running in the guest): the default refuses quickly and
+    leaves the guest as it was; crash-consistent goes on and says so."""
+    import json
+    import time
+
+    from e2e_proof import quiesce
+    from guest import DataDisk, GuestSpec, boot_guest, raw_qmp
+
+    spec = GuestSpec(agent=None, disks=(DataDisk(ext4_qcow2),), writer_dir="/data/w")
+    with boot_guest(spec, qemu=qemu_system, image=guest_image) as guest:
+        guest.wait_writer(2)
+        started = time.monotonic()
+        out = quiesce("backup", "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket),
+                      "--freeze-timeout", "5", str(tmp_path / "b"))
+        assert out.returncode == 1
+        assert time.monotonic() - started < 30
+        assert "did not answer guest-sync-delimited" in out.stderr
+        assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+        top = raw_qmp(guest.qmp_socket, [{"execute": "query-block"}])[0]["return"]
+        assert [b["inserted"]["node-name"] for b in top if b.get("inserted")] == ["data0"]
+        if not ENGINE_READY:
+            return
+        out = quiesce("backup", "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket),
+                      "--on-agent-failure", "crash-consistent", "--json", str(tmp_path / "c"))
+        assert out.returncode == 0, out.stderr
+        m = json.loads(out.stdout)
+        assert m["quiesced"] is False and m["consistency"] == "crash"
+        assert m["errors"][0]["step"] == "connect"
+        guest.wait_writer(guest.writer_progress() + 2)
+
+
+@needs_engine
+@pytest.mark.timeout(180)
+def test_ctrl_c_during_the_copy_of_a_real_guest(guest_image, tmp_path, qemu_system, qemu_img):
+    """SIGINT while the engine copies: the overlay is committed back, the guest
+    keeps running on its image, exit 130, no images kept."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from guest import DataDisk, GuestSpec, boot_guest, make_ext4_qcow2, raw_qmp
+
+    disk = make_ext4_qcow2(tmp_path / "big.qcow2", "1G", qemu_img)
+    spec = GuestSpec(agent="qemu-ga", disks=(DataDisk(disk),), writer_dir="/data/w")
+    with boot_guest(spec, qemu=qemu_system, image=guest_image) as guest:
+        guest.wait_writer(3)
+        proc = subprocess.Popen([sys.executable, "-m", "hostclient", "backup", "--qmp",
+                                 str(guest.qmp_socket), "--agent", str(guest.agent_socket),
+                                 "--no-progress", str(tmp_path / "b")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "b").glob("*/*.qcow2")):     # the copy has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        manifest = json.loads((Path(out.strip()) / "manifest.json").read_text())
+        assert manifest["status"] == "interrupted" and manifest["disks"] == []
+        assert not list(Path(out.strip()).glob("*.qcow2"))
+        top = raw_qmp(guest.qmp_socket, [{"execute": "query-block"}])[0]["return"]
+        assert [b["inserted"]["node-name"] for b in top if b.get("inserted")] == ["data0"]
+        assert not list(tmp_path.glob("*.quiesce-*"))
+        guest.wait_writer(guest.writer_progress() + 2)
