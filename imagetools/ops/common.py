@@ -1,0 +1,93 @@
+"""What every command shares: opening images the way qemu-img's img_open
+does (with its messages), ``--output``, cache modes, ``--image-opts``.
+
+The format drivers (imagetools.formats, imagetools.image) raise engine
+errors with the driver's own text; qemu-img prefixes ``Could not open
+'FILE': `` when an image cannot be opened, and so does :func:`open_image`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from imagetools.errors import ImageError
+from imagetools.output import Reported
+
+if TYPE_CHECKING:
+    from imagetools.formats.base import Driver
+
+CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe", "off")
+
+#: format names QEMU knows, so that "not supported by qimg" and "unknown"
+#: can be told apart
+QEMU_FORMATS = ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qcow2", "qed",
+                "raw", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+
+
+def format_names() -> list[str]:
+    from imagetools.formats import drivers
+    return sorted(drivers())
+
+
+def known_format(fmt: str) -> bool:
+    return fmt in QEMU_FORMATS or fmt in format_names()
+
+
+def output_format(value: str | None) -> str:
+    """``--output``: 'human' (default) or 'json'."""
+    if value is None or value == "human":
+        return "human"
+    if value == "json":
+        return "json"
+    raise Reported("--output must be used with human or json as argument.")
+
+
+def check_cache(mode: str, source: bool = False) -> str:
+    if mode not in CACHE_MODES:
+        kind = "source cache" if source else "cache"
+        raise Reported(f"Invalid {kind} option: {mode}")
+    return mode
+
+
+def parse_image_opts(text: str, fmt: str | None) -> tuple[str, str | None]:
+    """``--image-opts driver=FMT,file.filename=PATH`` -> (path, format)."""
+    from imagetools.ops.options import split_options
+    if fmt is not None:
+        raise Reported("--image-opts and --format are mutually exclusive")
+    opts = {name: value for name, value, _ in split_options(text)}
+    filename = opts.pop("file.filename", None) or opts.pop("filename", None) or opts.pop("file", None)
+    driver = opts.pop("driver", None)
+    opts.pop("file.driver", None)
+    opts.pop("force-share", None)
+    if filename is None:
+        raise Reported(f"Could not open '{text}': Cannot find device='{text}' nor node-name='{text}'")
+    return filename, driver
+
+
+def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
+               force_share: bool = False, image_opts: bool = False,
+               open_backing: bool = True, exit_code: int = 1) -> "Driver":
+    """Open an image (and its backing chain) as qemu-img's img_open would."""
+    display = filename
+    if image_opts:
+        filename, fmt = parse_image_opts(filename, fmt)
+    from imagetools import image
+    try:
+        return image.open_image(filename, fmt, read_only=read_only, force_share=force_share,
+                                open_backing=open_backing)
+    except ImageError as err:
+        raise open_error(display, err, exit_code) from None
+    except OSError as err:
+        raise Reported(f"Could not open '{display}': Could not open '{filename}': "
+                       f"{err.strerror}", exit_code=exit_code) from None
+
+
+def open_error(filename: str, err: ImageError, exit_code: int = 1) -> Reported:
+    """The ``Could not open 'F': ...`` report for a failed open.
+
+    The drivers' ImageOpenError already reads that way; other engine errors
+    raised while opening (unknown driver, lock conflict) get the prefix.
+    """
+    from imagetools.errors import ImageOpenError
+    text = str(err) if isinstance(err, ImageOpenError) else f"Could not open '{filename}': {err}"
+    return Reported(text, exit_code=exit_code)

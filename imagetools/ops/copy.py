@@ -1,0 +1,539 @@
+"""The convert engine: qemu-img convert's algorithm on the driver interface.
+
+The sources (concatenated) are walked by block status in qemu-img's
+chunks: a run of one status, cut to the source's cluster alignment, at most
+2 MiB for data, whole clusters when compressing. Data chunks are read and
+scanned for zero sectors (``-S``, default 4 KiB) so that zeros become holes
+or zero clusters instead of written data; zero runs are written as zeroes
+(or skipped when the new target already reads as zeros); with ``-B``, runs
+the source leaves to its backing file stay unallocated in the target. The
+writes happen in guest order, so a new qcow2 gets the same layout qemu-img
+gives it; compression runs in worker threads (zlib/zstd release the GIL)
+while the results are written in order.
+
+Progress counts allocated sectors exactly as qemu-img does, so ``-p``
+prints the same records.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from imagetools.errors import ImageError
+from imagetools.output import Reported, warn
+
+SECTOR = 512
+IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
+MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
+
+BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
+
+
+@dataclass
+class ConvertJob:
+    """Everything ``qemu-img convert`` takes from its command line."""
+
+    sources: list[str] = field(default_factory=list)
+    target: str | None = None
+    src_fmt: str | None = None
+    out_fmt: str | None = None
+    options: str | None = None
+    compress: bool = False
+    min_sparse: int = 8                    # sectors (-S 4k)
+    skip_create: bool = False
+    target_is_zero: bool = False
+    backing_file: str | None = None
+    backing_fmt: str | None = None
+    snapshot: object = None
+    force_share: bool = False
+    image_opts: bool = False
+    target_image_opts: bool = False
+    cache: str = "unsafe"
+    src_cache: str = "writeback"
+    coroutines: int = 8
+    in_order: bool = True
+    rate_limit: int = 0
+    salvage: bool = False
+    copy_range: bool = False
+    bitmaps: bool = False
+    skip_broken_bitmaps: bool = False
+    quiet: bool = False
+    progress: bool = False
+
+
+@dataclass
+class ConvertStats:
+    """What a conversion did (for the API and the benchmark)."""
+
+    total_bytes: int = 0
+    allocated_bytes: int = 0
+    data_bytes_written: int = 0
+    zero_bytes: int = 0
+    compressed_clusters: int = 0
+    seconds: float = 0.0
+
+
+def run_cli(job: ConvertJob) -> int:
+    """``qemu-img convert`` after option parsing: progress, run, report."""
+    from imagetools.progress import Progress
+    meter = Progress(job.progress and not job.quiet, 1.0)
+    ok = False
+    try:
+        meter.print(0, 100)
+        convert(job, progress=meter.absolute)
+        ok = True
+    finally:
+        if ok:
+            meter.print(100, 0)
+        meter.end()
+    return 0
+
+
+def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None) -> ConvertStats:
+    """Run a conversion described by ``job``; raises ImageError (Reported)."""
+    from imagetools.ops.common import check_cache, open_image
+    sources = []
+    target = None
+    started = time.monotonic()
+    try:
+        for name in job.sources:
+            sources.append(open_image(name, job.src_fmt, read_only=True,
+                                      force_share=job.force_share, image_opts=job.image_opts))
+        if job.snapshot is not None:
+            if isinstance(job.snapshot, str) and len(sources) > 1:
+                raise Reported("No support for concatenating multiple snapshot")
+            sources[0] = load_snapshot(sources[0], job.snapshot)
+        total_sectors = sum(-(-s.size // SECTOR) for s in sources)
+        opts = None
+        if not job.skip_create:
+            opts = _target_options(job, total_sectors * SECTOR)
+        target_backing = job.backing_file
+        if opts is not None and opts.has("backing_file"):
+            target_backing = opts.given["backing_file"]
+        if job.target_is_zero and target_backing:
+            raise Reported("Cannot use --target-is-zero when the destination image has a "
+                           "backing file")
+        if len(sources) > 1 and target_backing:
+            raise Reported("Having a backing file for the target makes no sense when "
+                           "concatenating multiple input images")
+        if opts is not None and opts.has("backing_file") and not opts.has("backing_fmt"):
+            raise Reported("Use of backing file requires explicit backing format")
+        if job.compress and opts is not None:
+            _check_compress_options(job.out_fmt, opts)
+        if job.bitmaps:
+            if len(sources) > 1:
+                raise Reported("Copying bitmaps only possible with single source")
+            _check_bitmaps(sources[0])
+        if not job.skip_create:
+            _create_target(job, opts)
+        check_cache(job.cache)
+        target = _open_target(job)
+        if job.bitmaps and target.format_name != "qcow2":
+            raise Reported(f"Format driver '{target.format_name}' does not support bitmaps")
+        if job.compress and not _can_compress(target):
+            raise Reported("Compression not supported for this file format")
+        if job.skip_create and -(-target.size // SECTOR) < total_sectors:
+            raise Reported("output file is smaller than input file")
+        copier = Copier(sources, target, job, total_sectors)
+        stats = copier.run(progress)
+        target.flush()
+        stats.seconds = time.monotonic() - started
+        return stats
+    finally:
+        if target is not None:
+            target.close()
+        for src in sources:
+            src.close()
+
+
+# -- setup -------------------------------------------------------------------
+
+def load_snapshot(drv, spec):
+    """The source seen at an internal snapshot (``-l``)."""
+    if isinstance(spec, tuple):
+        sid, name = spec
+        match = None
+        for sn in drv.snapshots():
+            if (sid is None or sn.id == sid) and (name is None or sn.name == name):
+                match = sn
+                break
+    else:
+        match = None
+        table = drv.snapshots()
+        for sn in table:
+            if sn.id == spec:
+                match = sn
+                break
+        if match is None:
+            for sn in table:
+                if sn.name == spec:
+                    match = sn
+                    break
+    if match is None:
+        raise Reported("Failed to load snapshot: Can't find snapshot")
+    try:
+        view = drv.open_snapshot(match.id)
+    except ImageError as err:
+        text = str(err)
+        if not text.startswith("Failed to load snapshot"):
+            text = f"Failed to load snapshot: {text}"
+        raise Reported(text) from None
+    return view
+
+
+def _target_options(job: ConvertJob, size: int):
+    from imagetools.ops.options import target_options
+    opts = target_options(job.out_fmt, job.options, job.backing_file, job.backing_fmt)
+    opts.set_number("size", size)
+    return opts
+
+
+def _check_compress_options(out_fmt: str, opts) -> None:
+    if out_fmt != "qcow2":
+        raise Reported("Compression not supported for this file format")
+    if opts.get("encryption") or opts.has("encrypt.format"):
+        raise Reported("Compression and encryption not supported at the same time")
+    prealloc = opts.given.get("preallocation")
+    if prealloc is not None and prealloc != "off":
+        raise Reported("Compression and preallocation not supported at the same time")
+
+
+def _check_bitmaps(src) -> None:
+    specific = src.format_specific() or {}
+    if specific.get("data", {}).get("bitmaps"):
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError("Copying persistent bitmaps is not supported yet")
+
+
+def _create_target(job: ConvertJob, opts) -> None:
+    from imagetools.formats import driver
+    given = opts.given_values()
+    size = given.pop("size")
+    try:
+        driver(job.out_fmt).create(job.target, size, given)
+    except ImageError as err:
+        raise Reported(f"{job.target}: error while converting {job.out_fmt}: {err}") from None
+    except OSError as err:
+        raise Reported(f"{job.target}: error while converting {job.out_fmt}: Could not "
+                       f"create '{job.target}': {os.strerror(err.errno or 0)}") from None
+
+
+def _open_target(job: ConvertJob):
+    from imagetools.ops.common import open_image
+    return open_image(job.target, job.out_fmt, read_only=False,
+                      image_opts=job.target_image_opts)
+
+
+def _can_compress(drv) -> bool:
+    try:
+        drv.compressor()
+    except (NotImplementedError, ImageError):
+        return False
+    return True
+
+
+# -- the copy ----------------------------------------------------------------
+
+class _Status:
+    """Block status of the concatenated sources at moving offsets."""
+
+    def __init__(self, sources, top_only: bool) -> None:
+        self.sources = sources
+        self.top_only = top_only
+        self.starts = []
+        pos = 0
+        for src in sources:
+            self.starts.append(pos)
+            pos += -(-src.size // SECTOR)
+        self._iters: dict[int, Iterator] = {}
+        self._current: dict[int, object] = {}
+        self.l2_span = [_l2_span(src) for src in sources]
+
+    def part(self, sector: int) -> int:
+        index = 0
+        while index + 1 < len(self.starts) and self.starts[index + 1] <= sector:
+            index += 1
+        return index
+
+    def query(self, index: int, offset: int):
+        """The merged run of source ``index`` that contains byte ``offset``."""
+        ext = self._current.get(index)
+        if ext is None or offset < ext.start or offset >= ext.end:
+            if ext is None or offset < ext.start:
+                from imagetools.formats.base import merge_extents
+                src = self.sources[index]
+                self._iters[index] = merge_extents(src.block_status(offset, src.size - offset))
+            it = self._iters[index]
+            ext = next(it, None)
+            while ext is not None and ext.end <= offset:
+                ext = next(it, None)
+            if ext is None:
+                raise ImageError(f"error while reading block status at offset {offset}")
+            self._current[index] = ext
+        return ext
+
+
+def _l2_span(src) -> int:
+    """Guest bytes one qcow2 L2 table maps (qemu-img's block status stops there)."""
+    if src.format_name != "qcow2" or not src.cluster_size:
+        return 0
+    specific = (src.format_specific() or {}).get("data", {})
+    entry = 16 if specific.get("extended-l2") else 8
+    return src.cluster_size * (src.cluster_size // entry)
+
+
+class Copier:
+    """qemu-img's ImgConvertState: chunking, zero detection, ordered writes."""
+
+    def __init__(self, sources, target, job: ConvertJob, total_sectors: int) -> None:
+        self.sources = sources
+        self.target = target
+        self.job = job
+        self.total_sectors = total_sectors
+        self.min_sparse = job.min_sparse
+        self.target_has_backing = target.backing is not None or bool(target.backing_filename)
+        self.compressed = job.compress
+        cluster = target.cluster_size or 0
+        self.cluster_sectors = cluster // SECTOR
+        self.buf_sectors = IO_BUF_SECTORS
+        if self.compressed:
+            if self.cluster_sectors <= 0 or self.cluster_sectors > self.buf_sectors:
+                raise Reported("invalid cluster size")
+            self.buf_sectors = self.cluster_sectors
+        self.alignment = max(_pow2floor(self.min_sparse), 1)
+        self.has_zero_init = job.target_is_zero or (
+            not job.skip_create and self.min_sparse > 0 and not self.target_has_backing
+            and target.has_zero_init())
+        backing = target.backing
+        self.target_backing_sectors = (-(-backing.size // SECTOR)
+                                       if backing is not None and not job.skip_create else -1)
+        self.src_alignment = []
+        for src in sources:
+            cl = src.cluster_size or 0
+            self.src_alignment.append(max(1, cl // SECTOR))
+        self.status_map = _Status(sources, self.target_has_backing)
+        self.sector_next_status = 0
+        self.status = BLK_DATA
+        self.stats = ConvertStats(total_bytes=total_sectors * SECTOR)
+        self._rate_start = time.monotonic()
+        self._rate_bytes = 0
+
+    # ---- chunking (convert_iteration_sectors) ----
+
+    def iteration_sectors(self, sector_num: int) -> int:
+        index = self.status_map.part(sector_num)
+        part_start = self.status_map.starts[index]
+        n = min(self.total_sectors - sector_num, MAX_REQUEST_SECTORS)
+        post_backing_zero = False
+        if self.target_backing_sectors >= 0:
+            if sector_num >= self.target_backing_sectors:
+                post_backing_zero = True
+            elif sector_num + n > self.target_backing_sectors:
+                n = self.target_backing_sectors - sector_num
+        if self.sector_next_status <= sector_num:
+            src = self.sources[index]
+            offset = (sector_num - part_start) * SECTOR
+            count = min(n * SECTOR, src.size - offset) if offset < src.size else n * SECTOR
+            if offset < src.size:
+                ext = self.status_map.query(index, offset)
+                count = min(count, ext.end - offset)
+                span = self.status_map.l2_span[index]
+                if span:
+                    count = min(count, (offset // span + 1) * span - offset)
+                zero, data, mine = ext.zero, ext.data, ext.depth == 0
+            else:
+                zero, data, mine = True, False, True
+            n = max(1, -(-count // SECTOR))
+            tail = (sector_num - part_start + n) % self.src_alignment[index]
+            if n > tail:
+                n -= tail
+            if self.target_has_backing and not mine:
+                self.status = BLK_BACKING_FILE
+            elif zero:
+                self.status = BLK_BACKING_FILE if post_backing_zero else BLK_ZERO
+            elif data:
+                self.status = BLK_DATA
+            else:
+                self.status = BLK_BACKING_FILE if self.target_has_backing else BLK_DATA
+            self.sector_next_status = sector_num + n
+        n = min(n, self.sector_next_status - sector_num)
+        if self.status == BLK_DATA:
+            n = min(n, self.buf_sectors)
+        if self.compressed:
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total_sectors - sector_num)
+                self.status = BLK_DATA
+            else:
+                n -= n % self.cluster_sectors
+        return n
+
+    def chunks(self) -> Iterator[tuple[int, int, str]]:
+        self.sector_next_status = 0
+        sector = 0
+        while sector < self.total_sectors:
+            n = self.iteration_sectors(sector)
+            status = self.status
+            if not self.min_sparse and status == BLK_ZERO:
+                n = min(n, self.buf_sectors)
+            yield sector, n, status
+            sector += n
+
+    # ---- the copy (convert_co_do_copy) ----
+
+    def run(self, progress: Callable[[int, int], None] | None) -> ConvertStats:
+        plan = list(self.chunks())
+        counted = [c for c in plan if c[2] == BLK_DATA or (not self.min_sparse and c[2] == BLK_ZERO)]
+        allocated = sum(n for _, n, _ in counted)
+        self.stats.allocated_bytes = allocated * SECTOR
+        done = 0
+        writer = _CompressedWriter(self.target) if self.compressed else None
+        try:
+            for sector, n, status in plan:
+                if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
+                    done += n
+                    if progress is not None:
+                        progress(done, allocated)
+                self._copy_chunk(sector, n, status, writer)
+        finally:
+            if writer is not None:
+                writer.finish()
+                self.stats.compressed_clusters = writer.clusters
+        return self.stats
+
+    def _copy_chunk(self, sector: int, n: int, status: str, writer) -> None:
+        if status == BLK_BACKING_FILE:
+            return
+        if status == BLK_ZERO and self.min_sparse:
+            self._zero(sector, n, writer)
+            return
+        if status == BLK_ZERO:
+            buf = bytes(n * SECTOR)
+        else:
+            buf = self._read(sector, n)
+        self._throttle(n * SECTOR)
+        if writer is not None:
+            from imagetools.ops.zeroscan import is_zero
+            if self.min_sparse and is_zero(buf):
+                self._zero(sector, n, writer)
+            else:
+                writer.submit(sector * SECTOR, buf)
+            return
+        if not self.min_sparse or self.job.copy_range:
+            self._write(sector, buf)
+            return
+        from imagetools.ops.zeroscan import is_allocated_sectors_min
+        first = 0
+        while first < n:
+            allocated, count = is_allocated_sectors_min(buf, first, n - first, self.min_sparse,
+                                                        sector + first, self.alignment)
+            if allocated:
+                self._write(sector + first, memoryview(buf)[first * SECTOR:(first + count) * SECTOR])
+            else:
+                self._zero(sector + first, count, None)
+            first += count
+
+    def _read(self, sector: int, n: int) -> bytearray:
+        buf = bytearray(n * SECTOR)
+        view = memoryview(buf)
+        pos = 0
+        while pos < n:
+            index = self.status_map.part(sector + pos)
+            src = self.sources[index]
+            part_start = self.status_map.starts[index]
+            part_sectors = -(-src.size // SECTOR)
+            count = min(n - pos, part_sectors - (sector + pos - part_start))
+            offset = (sector + pos - part_start) * SECTOR
+            length = min(count * SECTOR, src.size - offset)
+            try:
+                src.read_into(offset, view[pos * SECTOR:pos * SECTOR + length])
+            except ImageError as err:
+                if not self.job.salvage:
+                    raise Reported(f"error while reading at byte {offset}: {err}") from None
+                self._salvage(src, offset, view[pos * SECTOR:pos * SECTOR + length])
+            pos += count
+        return buf
+
+    def _salvage(self, src, offset: int, view: memoryview) -> None:
+        for at in range(0, len(view), SECTOR):
+            piece = view[at:at + SECTOR]
+            try:
+                src.read_into(offset + at, piece)
+            except ImageError as err:
+                if not self.job.quiet:
+                    warn(f"error while reading offset {offset + at}: {err}")
+                piece[:] = bytes(len(piece))
+
+    def _write(self, sector: int, data) -> None:
+        try:
+            self.target.write(sector * SECTOR, data)
+        except ImageError as err:
+            raise Reported(f"error while writing at byte {sector * SECTOR}: {err}") from None
+        self.stats.data_bytes_written += len(data)
+
+    def _zero(self, sector: int, n: int, writer) -> None:
+        self.stats.zero_bytes += n * SECTOR
+        if self.has_zero_init:
+            return
+        if writer is not None:
+            writer.drain()
+        try:
+            self.target.write_zeroes(sector * SECTOR, n * SECTOR, unmap=True)
+        except ImageError as err:
+            raise Reported(f"error while writing at byte {sector * SECTOR}: {err}") from None
+
+    def _throttle(self, nbytes: int) -> None:
+        if not self.job.rate_limit:
+            return
+        self._rate_bytes += nbytes
+        due = self._rate_start + self._rate_bytes / self.job.rate_limit
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+def _pow2floor(value: int) -> int:
+    return 1 << (value.bit_length() - 1) if value > 0 else 0
+
+
+class _CompressedWriter:
+    """Compress clusters in worker threads, store them in guest order."""
+
+    def __init__(self, target) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        self.target = target
+        self.compress = target.compressor()
+        workers = max(1, min(8, os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qimg-zlib")
+        self.window = workers * 4
+        self.pending: deque = deque()
+        self.clusters = 0
+
+    def submit(self, offset: int, data) -> None:
+        data = bytes(data)
+        self.pending.append((offset, data, self.pool.submit(self.compress, data)))
+        while len(self.pending) > self.window:
+            self._store_one()
+
+    def _store_one(self) -> None:
+        offset, data, future = self.pending.popleft()
+        blob = future.result()
+        try:
+            self.target.write_compressed_blob(offset, blob, len(data), data)
+        except ImageError as err:
+            raise Reported(f"error while writing at byte {offset}: {err}") from None
+        self.clusters += 1
+
+    def drain(self) -> None:
+        while self.pending:
+            self._store_one()
+
+    def finish(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
