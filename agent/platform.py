@@ -319,13 +319,17 @@ class Platform:
             proc.wait()
         return proc.returncode
 
-    def spawn(self, argv: Sequence[str], *, executable: str, env: dict[str, str] | None,
+    def spawn(self, argv: Sequence[bytes], *, executable: str,
+              env: Sequence[tuple[bytes, bytes]] | None,
               stdin: bool, capture: bool) -> subprocess.Popen:
         """Start a guest-exec child: pipes for stdin (when ``stdin``) and for
-        stdout/stderr (when ``capture``), /dev/null otherwise. Raises OSError."""
+        stdout/stderr (when ``capture``), /dev/null otherwise. ``env`` is the
+        whole environment as (name, value) pairs, duplicates kept in order as
+        execve(2) takes them. Raises OSError."""
         real = self.path(executable) if executable.startswith("/") else executable
         pipe_or_null = subprocess.PIPE if capture else subprocess.DEVNULL
-        return subprocess.Popen(list(argv), executable=real, env=env,
+        return subprocess.Popen(list(argv), executable=real,
+                                env=_PairEnvironment(env) if env is not None else None,
                                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=pipe_or_null, stderr=pipe_or_null,
                                 close_fds=True, restore_signals=True)
@@ -484,6 +488,18 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class _PairEnvironment(dict):
+    """An environment subprocess passes on entry by entry, duplicates included
+    (it only iterates ``items()`` to build the child's environ)."""
+
+    def __init__(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
+        super().__init__(pairs)
+        self.pairs = list(pairs)
+
+    def items(self):
+        return list(self.pairs)
 
 
 @dataclass(frozen=True)

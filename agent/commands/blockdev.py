@@ -51,7 +51,12 @@ def udev_properties(platform, syspath: str) -> dict[str, str] | None:
     except OSError:
         return None
     props = dict(_key_values(uevent.splitlines()))
-    if "MAJOR" in props and "MINOR" in props:
+    try:
+        subsystem = os.path.basename(platform.readlink(real + "/subsystem"))
+    except OSError:
+        subsystem = None
+    # udev files a block device's database entry under b<major>:<minor>
+    if subsystem == "block" and "MAJOR" in props and "MINOR" in props:
         try:
             db = platform.read_text(f"{UDEV_DB}/b{props['MAJOR']}:{props['MINOR']}")
         except OSError:

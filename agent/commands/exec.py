@@ -90,17 +90,12 @@ def guest_exec(ctx, path: str, arg: list[str] | None = None, env: list[str] | No
     return {"pid": popen.pid}
 
 
-def _environment(entries: list[str]) -> dict[bytes, bytes]:
-    """``env`` replaces the whole environment; the first of duplicate names wins,
-    as getenv(3) would see it."""
-    result: dict[bytes, bytes] = {}
-    for entry in entries:
-        name, _, value = os_bytes(entry).partition(b"=")
-        result.setdefault(name, value)
-    return result
+def _environment(entries: list[str]) -> list[tuple[bytes, bytes]]:
+    """``env`` replaces the whole environment, entries kept as given."""
+    return [os_bytes(entry).partition(b"=")[::2] for entry in entries]
 
 
-def _resolve(ctx, path: str, environment: dict[bytes, bytes] | None) -> bytes:
+def _resolve(ctx, path: str, environment: list[tuple[bytes, bytes]] | None) -> bytes:
     """The program to execute: ``path`` itself when it has a ``/``, else the
     first executable of that name in PATH (glib's G_SPAWN_SEARCH_PATH)."""
     name = os_bytes(path)
@@ -109,8 +104,10 @@ def _resolve(ctx, path: str, environment: dict[bytes, bytes] | None) -> bytes:
     if b"/" in name:
         return name
     search = None
-    if environment is not None and b"PATH" in environment:
-        search = os.fsdecode(environment[b"PATH"])
+    for key, value in environment or ():
+        if key == b"PATH":  # the first one, as getenv(3) finds it
+            search = os.fsdecode(value)
+            break
     found = ctx.platform.find_program(os.fsdecode(name), search)
     if found is None:
         raise FileNotFoundError(errno.ENOENT, "not found")

@@ -180,3 +180,118 @@ def shape(value: Any) -> Any:
     if isinstance(value, list):
         return [shape(item) for item in value]
     return type(value).__name__
+
+
+class FakeSysfs:
+    """Builds the spec of a fake /sys (and udev database) for make_tree.
+
+    Devices get what the kernel gives them and qemu-ga looks at: a
+    ``uevent`` file, ``size``, a ``subsystem`` link to the block class,
+    ``slaves/``, the /sys/block and /sys/dev/block links, and the ``driver``
+    link of their PCI function.
+    """
+
+    def __init__(self) -> None:
+        self.spec: dict[str, Any] = {"/sys/class/block": None, "/sys/bus/pci/drivers": None,
+                                     "/sys/block": None, "/sys/dev/block": None}
+
+    def driver(self, function_dir: str, driver: str) -> None:
+        self.spec[f"/sys/bus/pci/drivers/{driver}"] = None
+        self.spec[f"{function_dir}/driver"] = Link(f"/sys/bus/pci/drivers/{driver}")
+
+    def disk(self, devdir: str, major: int, minor: int, *, size: str = "2097152\n",
+             udev: dict[str, str] | None = None, slaves: dict[str, str] | None = None,
+             slaves_dir: bool = True) -> str:
+        name = devdir.rsplit("/", 1)[1]
+        self._device(devdir, name, major, minor, "disk", udev)
+        self.spec[f"{devdir}/size"] = size
+        self.spec[f"{devdir}/queue"] = None  # a subdirectory that is no partition
+        if slaves_dir:
+            self.spec[f"{devdir}/slaves"] = None
+        for slave_name, slave_dir in (slaves or {}).items():
+            self.spec[f"{devdir}/slaves/{slave_name}"] = Link(slave_dir)
+        self.spec[f"/sys/block/{name}"] = Link(devdir)
+        return devdir
+
+    def partition(self, diskdir: str, name: str, major: int, minor: int,
+                  udev: dict[str, str] | None = None) -> str:
+        devdir = f"{diskdir}/{name}"
+        self._device(devdir, name, major, minor, "partition", udev)
+        self.spec[f"{devdir}/size"] = "2048\n"
+        return devdir
+
+    def _device(self, devdir, name, major, minor, devtype, udev) -> None:
+        self.spec[f"{devdir}/uevent"] = (f"MAJOR={major}\nMINOR={minor}\nDEVNAME={name}\n"
+                                         f"DEVTYPE={devtype}\n")
+        self.spec[f"{devdir}/subsystem"] = Link("/sys/class/block")
+        self.spec[f"/sys/dev/block/{major}:{minor}"] = Link(devdir)
+        if udev:
+            self.spec[f"/run/udev/data/b{major}:{minor}"] = "".join(
+                f"E:{key}={value}\n" for key, value in udev.items())
+
+
+PCI = "/sys/devices/pci0000:00"
+VIRTUAL = "/sys/devices/virtual/block"
+
+
+def guest_sysfs() -> dict[str, Any]:
+    """A guest with one disk of every kind qemu-ga 7.2 can address, and some it cannot.
+
+    vda   virtio-blk at 0000:00:02.0, partitions vda1 and vda2, serial SER-VDA
+    vdb   virtio-blk behind a PCI bridge, at 0000:01:03.0
+    sda   virtio-scsi at 0000:00:03.0, LUN 2
+    sdb   SATA (ahci) at 0000:00:1f.2, second port of two
+    sdc   IDE (ata_piix) at 0000:00:01.1, secondary channel, unit 1
+    sdd   LSI SCSI (sym53c8xx) at 0000:00:05.0, target 4
+    sde   USB storage (xhci_hcd: unknown to qemu-ga 7.2)
+    nvme0n1  NVMe at 0000:00:04.0 with partition nvme0n1p1
+    vdc   virtio on s390 channel I/O (CCW 0.0.0002 / devno 0004)
+    dm-0  device-mapper volume "vg-root" on vda2; dm-1 on dm-0 (stacked)
+    loop0 (empty), loop1 (virtual, no slaves), sr0 (no medium: size 0)
+    plus CPUs (cpu0 without an online file, cpu2 offline) and memory blocks.
+    """
+    fs = FakeSysfs()
+    fs.driver(f"{PCI}/0000:00:02.0", "virtio-pci")
+    vda = fs.disk(f"{PCI}/0000:00:02.0/virtio1/block/vda", 254, 0,
+                  udev={"ID_SERIAL": "SER-VDA", "DEVLINKS": "/dev/disk/by-id/virtio-SER-VDA"})
+    fs.partition(vda, "vda1", 254, 1)
+    vda2 = fs.partition(vda, "vda2", 254, 2, udev={"ID_SERIAL": "SER-VDA"})
+    fs.driver(f"{PCI}/0000:00:1e.0", "pcieport")
+    fs.driver(f"{PCI}/0000:00:1e.0/0000:01:03.0", "virtio-pci")
+    fs.disk(f"{PCI}/0000:00:1e.0/0000:01:03.0/virtio3/block/vdb", 254, 16)
+    fs.driver(f"{PCI}/0000:00:03.0", "virtio-pci")
+    fs.disk(f"{PCI}/0000:00:03.0/virtio2/host0/target0:0:0/0:0:0:2/block/sda", 8, 0,
+            udev={"ID_SERIAL": "0QEMU_QEMU_HARDDISK_drive-scsi0-0-0-2"})
+    fs.driver(f"{PCI}/0000:00:1f.2", "ahci")
+    fs.spec[f"{PCI}/0000:00:1f.2/ata1"] = None
+    fs.spec[f"{PCI}/0000:00:1f.2/ata3/host2/scsi_host"] = None
+    fs.disk(f"{PCI}/0000:00:1f.2/ata3/host2/target2:0:0/2:0:0:0/block/sdb", 8, 16)
+    fs.driver(f"{PCI}/0000:00:01.1", "ata_piix")
+    fs.spec[f"{PCI}/0000:00:01.1/ata1"] = None
+    fs.disk(f"{PCI}/0000:00:01.1/ata2/host1/target1:0:1/1:0:1:0/block/sdc", 8, 32)
+    fs.driver(f"{PCI}/0000:00:05.0", "sym53c8xx")
+    fs.disk(f"{PCI}/0000:00:05.0/host3/target3:0:4/3:0:4:0/block/sdd", 8, 48)
+    fs.driver(f"{PCI}/0000:00:06.0", "xhci_hcd")
+    fs.disk(f"{PCI}/0000:00:06.0/usb2/2-1/2-1:1.0/host4/target4:0:0/4:0:0:0/block/sde", 8, 64)
+    fs.driver(f"{PCI}/0000:00:04.0", "nvme")
+    nvme = fs.disk(f"{PCI}/0000:00:04.0/nvme/nvme0/nvme0n1", 259, 0)
+    fs.partition(nvme, "nvme0n1p1", 259, 1)
+    fs.disk("/sys/devices/css0/0.0.0002/0.0.0004/virtio2/block/vdc", 254, 32)
+    dm0 = fs.disk(f"{VIRTUAL}/dm-0", 253, 0, slaves={"vda2": vda2}, udev={"DM_NAME": "vg-root"})
+    fs.disk(f"{VIRTUAL}/dm-1", 253, 1, slaves={"dm-0": dm0}, udev={"DM_NAME": ""})
+    fs.disk(f"{VIRTUAL}/loop0", 7, 0, size="0\n")
+    fs.disk(f"{VIRTUAL}/loop1", 7, 1, size="4096\n", slaves_dir=False)
+    fs.disk(f"{PCI}/0000:00:1f.2/ata1/host0/target0:0:0/0:0:0:0/block/sr0", 11, 0, size="0\n")
+    fs.spec["/sys/block/README"] = "not a device link"
+    cpu = "/sys/devices/system/cpu"
+    fs.spec.update({f"{cpu}/cpu0/topology": None, f"{cpu}/cpu1/online": "1\n",
+                    f"{cpu}/cpu2/online": "0\n", f"{cpu}/cpufreq": None,
+                    f"{cpu}/cpuidle": None, f"{cpu}/online": "0-1\n"})
+    mem = "/sys/devices/system/memory"
+    fs.spec.update({f"{mem}/block_size_bytes": "8000000\n",
+                    f"{mem}/auto_online_blocks": "online\n",
+                    f"{mem}/memory0/state": "online\n", f"{mem}/memory0/removable": "0\n",
+                    f"{mem}/memory1/state": "online\n", f"{mem}/memory1/removable": "1\n",
+                    f"{mem}/memory32/state": "offline\n", f"{mem}/memory32/removable": "1\n",
+                    f"{mem}/memory33/state": "online-movable\n"})
+    return fs.spec
