@@ -1,0 +1,13 @@
+"""qcow2: QEMU's copy-on-write format, read and write (QEMU 7.2's feature set).
+
+Modules: ``header`` (header and extensions), ``layout`` (geometry, L2 entry
+types), ``tables`` (L1 and the L2 cache), ``refcount`` (refcounts and the
+allocator), ``driver`` (open, read, block status, writeback), ``write``
+(writes, zeroes, discards, compressed clusters), ``compression``,
+``snapshots`` and ``snapview`` (internal snapshots, read-only), ``bitmaps``,
+``check`` (qemu-img check's detection), ``create`` and ``measure``.
+"""
+
+from imagetools.formats.qcow2.driver import DRIVER, Qcow2Driver
+
+__all__ = ["DRIVER", "Qcow2Driver"]

@@ -1,0 +1,117 @@
+"""Persistent dirty bitmaps of a qcow2 image (the bitmaps extension), read-only.
+
+Enough to show them as ``qemu-img info`` does (name, granularity, flags),
+to count their clusters in ``check``, and to size them in ``measure``.
+Directory entries are bounds-checked against QEMU's limits (65535 bitmaps,
+64 MiB directory, names of at most 1023 bytes, granularity 2^9..2^31).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from imagetools.errors import CorruptImageError
+from imagetools.formats.hostfile import HostFile
+from imagetools.formats.qcow2.header import AUTOCLEAR_BITMAPS, EXT_BITMAPS, Header
+
+QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+_DIR_ENTRY = struct.Struct(">QIIBBHI")
+
+
+class Bitmap:
+    __slots__ = ("name", "table_offset", "table_size", "flags", "type", "granularity_bits",
+                 "extra")
+
+    def __init__(self, name: str, table_offset: int, table_size: int, flags: int, type_: int,
+                 granularity_bits: int, extra: bytes) -> None:
+        self.name = name
+        self.table_offset = table_offset
+        self.table_size = table_size
+        self.flags = flags
+        self.type = type_
+        self.granularity_bits = granularity_bits
+        self.extra = extra
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    def flag_names(self) -> list[str]:
+        names = []
+        if self.flags & BME_FLAG_IN_USE:
+            names.append("in-use")
+        if self.flags & BME_FLAG_AUTO:
+            names.append("auto")
+        return names
+
+
+class BitmapsExtension:
+    """The parsed extension: count, directory place and size."""
+
+    def __init__(self, nb_bitmaps: int, directory_size: int, directory_offset: int) -> None:
+        self.nb_bitmaps = nb_bitmaps
+        self.directory_size = directory_size
+        self.directory_offset = directory_offset
+
+
+def bitmaps_extension(header: Header) -> BitmapsExtension | None:
+    """The bitmaps extension if present and consistent (autoclear bit set)."""
+    ext = header.extension(EXT_BITMAPS)
+    if ext is None or not header.autoclear_features & AUTOCLEAR_BITMAPS:
+        return None
+    if len(ext.data) != 24:
+        raise CorruptImageError("bitmaps_ext: Invalid extension length")
+    nb, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", ext.data)
+    if reserved:
+        raise CorruptImageError("bitmaps_ext: Reserved field is not zero")
+    if nb > QCOW2_MAX_BITMAPS:
+        raise CorruptImageError(f"bitmaps_ext: Image has {nb} bitmaps, exceeding the QEMU "
+                                f"supported maximum of {QCOW2_MAX_BITMAPS}")
+    if nb == 0:
+        raise CorruptImageError("found bitmaps extension with zero bitmaps")
+    if dir_offset % header.cluster_size:
+        raise CorruptImageError("bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        raise CorruptImageError(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds "
+                                f"the maximum supported size ({QCOW2_MAX_BITMAP_DIRECTORY_SIZE})")
+    return BitmapsExtension(nb, dir_size, dir_offset)
+
+
+def read_bitmaps(file: HostFile, header: Header) -> list[Bitmap]:
+    """The bitmap directory entries, in order."""
+    ext = bitmaps_extension(header)
+    if ext is None:
+        return []
+    if ext.directory_offset + ext.directory_size > file.length():
+        raise CorruptImageError("Bitmap directory is past the end of the file")
+    raw = file.pread_full(ext.directory_offset, ext.directory_size)
+    out: list[Bitmap] = []
+    pos = 0
+    for _ in range(ext.nb_bitmaps):
+        if pos + _DIR_ENTRY.size > len(raw):
+            raise CorruptImageError("Bitmap directory is truncated")
+        (table_offset, table_size, flags, type_, gran_bits, name_size,
+         extra_size) = _DIR_ENTRY.unpack_from(raw, pos)
+        end = pos + _DIR_ENTRY.size + extra_size + name_size
+        if name_size == 0 or name_size > 1023 or end > len(raw):
+            raise CorruptImageError("Bitmap directory entry is invalid")
+        if table_offset % header.cluster_size:
+            raise CorruptImageError("Bitmap table offset is not cluster aligned")
+        extra = raw[pos + _DIR_ENTRY.size:pos + _DIR_ENTRY.size + extra_size]
+        name = raw[pos + _DIR_ENTRY.size + extra_size:end].decode("utf-8", "replace")
+        out.append(Bitmap(name, table_offset, table_size, flags, type_, gran_bits, extra))
+        pos = (end + 7) & ~7
+    return out
+
+
+def read_bitmap_table(file: HostFile, bitmap: Bitmap) -> list[int]:
+    """The entries of one bitmap's table (offsets of its data clusters)."""
+    if bitmap.table_size > (1 << 24):
+        raise CorruptImageError(f"Bitmap '{bitmap.name}' table too large")
+    raw = file.pread_full(bitmap.table_offset, 8 * bitmap.table_size)
+    return list(struct.unpack(f">{bitmap.table_size}Q", raw))

@@ -1,0 +1,457 @@
+"""Consistency check of a qcow2 image, as ``qemu-img check`` does it (detection).
+
+The algorithm is QEMU 7.2's: build an in-memory refcount table by walking
+everything that references host clusters (header, active and snapshot L1/L2
+tables and their data clusters, the snapshot table, the refcount table and
+blocks, the encryption header, persistent bitmaps), compare it with the
+refcounts stored in the image (``Leaked cluster N refcount=R reference=0``,
+``ERROR cluster N refcount=R reference=S``), then check the COPIED flags.
+Every problem is recorded with the exact line qemu-img prints on stderr, in
+the same order, and counted in the same fields, so the CLI only formats.
+
+Repair (``check -r``) is the snapshot/repair issue's; the result keeps what
+it needs (``rebuild``: the refcount structure itself is broken).
+
+Memory is bounded by the host file: references are only counted up to one
+cluster past the end of the file (beyond that QEMU reports them as errors),
+and the computed refcounts live in a compact array.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING, Any
+
+from imagetools.formats.qcow2 import header as hdr
+from imagetools.formats.qcow2.layout import (
+    COMPRESSED, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+    NORMAL, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+    UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+from imagetools.formats.qcow2.tables import read_be64_array
+
+if TYPE_CHECKING:
+    from imagetools.formats.qcow2.driver import Qcow2Driver
+
+REFT_RESERVED_MASK = 0x1FF
+QCOW_MAX_L1_SIZE = hdr.QCOW_MAX_L1_SIZE
+
+
+class CheckResult:
+    """What ``qemu-img check`` reports (qemu's BdrvCheckResult + its stderr lines).
+
+    ``messages`` are the diagnostic lines (without newline) in the order
+    qemu-img prints them on stderr. ``to_json()`` gives the ImageCheck
+    members (schema order; only the optional ones that are non-zero), and
+    ``exit_code`` qemu-img's status (0 clean, 2 corruptions, 3 only leaks,
+    1 the check itself failed).
+    """
+
+    def __init__(self, filename: str = "", fmt: str = "qcow2") -> None:
+        self.filename = filename
+        self.format = fmt
+        self.corruptions = 0
+        self.leaks = 0
+        self.check_errors = 0
+        self.corruptions_fixed = 0
+        self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = 0
+        self.allocated_clusters = 0
+        self.fragmented_clusters = 0
+        self.compressed_clusters = 0
+        self.messages: list[str] = []
+        #: the refcount structure itself is broken (repair must rebuild it)
+        self.rebuild = False
+
+    def report(self, line: str) -> None:
+        self.messages.append(line)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"filename": self.filename, "format": self.format,
+                               "check-errors": self.check_errors}
+        for key, value in (("image-end-offset", self.image_end_offset),
+                           ("corruptions", self.corruptions), ("leaks", self.leaks),
+                           ("corruptions-fixed", self.corruptions_fixed),
+                           ("leaks-fixed", self.leaks_fixed),
+                           ("total-clusters", self.total_clusters),
+                           ("allocated-clusters", self.allocated_clusters),
+                           ("fragmented-clusters", self.fragmented_clusters),
+                           ("compressed-clusters", self.compressed_clusters)):
+            if value:
+                out[key] = value
+        return out
+
+    @property
+    def exit_code(self) -> int:
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def __repr__(self) -> str:
+        return (f"CheckResult(corruptions={self.corruptions}, leaks={self.leaks}, "
+                f"check_errors={self.check_errors}, end={self.image_end_offset})")
+
+
+class _Counter:
+    """The in-memory refcount table (QEMU's "IMRT")."""
+
+    def __init__(self, drv: "Qcow2Driver", res: CheckResult) -> None:
+        self.drv = drv
+        self.res = res
+        self.cs = drv.cluster_size
+        self.cbits = drv.cluster_bits
+        self.file_len = drv.file.length()
+        self.nb_clusters = -(-self.file_len // self.cs)
+        self.max = drv.layout.refcount_max
+        bits = drv.layout.refcount_bits
+        self.code = "B" if bits <= 8 else "H" if bits == 16 else "I" if bits == 32 else "Q"
+        self.counts = array(self.code, bytes(array(self.code).itemsize * self.nb_clusters))
+
+    def inc(self, offset: int, size: int) -> None:
+        if size <= 0:
+            return
+        end = offset + size
+        if end > self.file_len and end - self.file_len >= self.cs:
+            self.res.report("ERROR: counting reference for region exceeding the end of the "
+                            f"file by one cluster or more: offset {offset:#x} size {size:#x}")
+            self.res.corruptions += 1
+            return
+        first = offset >> self.cbits
+        last = (end - 1) >> self.cbits
+        counts = self.counts
+        if last >= len(counts):
+            counts.extend(array(self.code, bytes(counts.itemsize * (last + 1 - len(counts)))))
+            self.nb_clusters = len(counts)
+        for k in range(first, last + 1):
+            if counts[k] == self.max:
+                self.res.report(f"ERROR: overflow cluster offset={k << self.cbits:#x}")
+                self.res.report("Use qemu-img amend to increase the refcount entry width or "
+                                "qemu-img convert to create a clean copy if the image cannot "
+                                "be opened for writing")
+                self.res.corruptions += 1
+                continue
+            counts[k] += 1
+
+
+def check_image(drv: "Qcow2Driver") -> CheckResult:
+    """Check ``drv`` (an open qcow2 image, metadata written back) for consistency."""
+    res = CheckResult(drv.filename, "qcow2")
+    res.total_clusters = -(-drv.size // drv.cluster_size)
+    counter = _Counter(drv, res)
+    _calculate_refcounts(drv, res, counter)
+    highest = _compare_refcounts(drv, res, counter)
+    _check_oflag_copied(drv, res)
+    res.image_end_offset = (highest + 1) * drv.cluster_size
+    return res
+
+
+def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
+    h = drv.header
+    cs = drv.cluster_size
+    counter.inc(0, cs)
+    _check_l1(drv, res, counter, h.l1_table_offset, h.l1_size, active=True)
+    snaps = drv.snapshots()
+    if drv.data_file is not None and snaps:
+        res.report(f"ERROR {len(snaps)} snapshots in image with data file")
+        res.corruptions += 1
+    for sn in snaps:
+        if sn.l1_table_offset % cs:
+            res.report(f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
+                       "L1 table is not cluster aligned; snapshot table entry corrupted")
+            res.corruptions += 1
+            continue
+        if sn.l1_size > QCOW_MAX_L1_SIZE // 8:
+            res.report(f"ERROR snapshot {sn.id} ({sn.name}) l1_size={sn.l1_size:#x}: "
+                       "L1 table is too large; snapshot table entry corrupted")
+            res.corruptions += 1
+            continue
+        _check_l1(drv, res, counter, sn.l1_table_offset, sn.l1_size, active=False)
+    if h.nb_snapshots:
+        from imagetools.formats.qcow2.snapshots import snapshot_table_size
+        counter.inc(h.snapshots_offset, snapshot_table_size(drv.file, h))
+    rc = drv.refcounts
+    counter.inc(rc.table_offset, len(rc.table) * 8)
+    crypto = h.extension(hdr.EXT_CRYPTO_HEADER)
+    if crypto is not None and len(crypto.data) == 16:
+        offset = int.from_bytes(crypto.data[:8], "big")
+        length = int.from_bytes(crypto.data[8:], "big")
+        counter.inc(offset, length)
+    _count_bitmaps(drv, counter)
+    _check_refblocks(drv, res, counter)
+
+
+def _count_bitmaps(drv: "Qcow2Driver", counter: _Counter) -> None:
+    from imagetools.formats.qcow2.bitmaps import (
+        BME_TABLE_ENTRY_OFFSET_MASK, bitmaps_extension, read_bitmap_table)
+    ext = bitmaps_extension(drv.header)
+    if ext is None:
+        return
+    counter.inc(ext.directory_offset, ext.directory_size)
+    for bm in drv.bitmaps():
+        counter.inc(bm.table_offset, bm.table_size * 8)
+        for entry in read_bitmap_table(drv.file, bm):
+            offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if offset:
+                counter.inc(offset, drv.cluster_size)
+
+
+def _check_l1(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l1_offset: int,
+              l1_size: int, *, active: bool) -> None:
+    cs = drv.cluster_size
+    counter.inc(l1_offset, l1_size * 8)
+    if active:
+        l1 = drv.l1.values
+    else:
+        l1 = read_be64_array(drv.file, l1_offset, l1_size) if l1_size else []
+    for entry in l1:
+        if not entry:
+            continue
+        if entry & L1E_RESERVED_MASK:
+            res.report(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+            res.corruptions += 1
+        l2_offset = entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        counter.inc(l2_offset, cs)
+        if l2_offset % cs:
+            res.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                       "L1 entry corrupted")
+            res.corruptions += 1
+        _check_l2(drv, res, counter, l2_offset, active)
+
+
+def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset: int,
+              active: bool) -> None:
+    layout = drv.layout
+    cs = drv.cluster_size
+    ext = layout.extended_l2
+    words = read_be64_array(drv.file, l2_offset, layout.l2_entries * layout.l2_entry_words)
+    if l2_offset in drv.l2_cache.tables and l2_offset % cs == 0:
+        words = drv.l2_cache.tables[l2_offset].values
+    has_data_file = drv.data_file is not None
+    next_contiguous = 0
+    step = 2 if ext else 1
+    cluster_type = layout.cluster_type
+    for i in range(layout.l2_entries):
+        entry = words[i * step]
+        if not entry and (not ext or not words[i * step + 1]):
+            continue
+        bitmap = words[i * step + 1] if ext else 0
+        type_ = cluster_type(entry)
+        if type_ != COMPRESSED and entry & L2E_STD_RESERVED_MASK:
+            res.report(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+            res.corruptions += 1
+        if type_ == COMPRESSED:
+            if entry & QCOW_OFLAG_COPIED:
+                res.report(f"ERROR: coffset=0x{entry & layout.cluster_offset_mask:x}: copied "
+                           "flag must never be set for compressed clusters")
+                entry &= ~QCOW_OFLAG_COPIED
+                res.corruptions += 1
+            if has_data_file:
+                res.report(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
+                res.corruptions += 1
+                continue
+            if bitmap:
+                res.report(f"ERROR compressed cluster {i} with non-zero subcluster allocation "
+                           f"bitmap, entry=0x{entry:x}")
+                res.corruptions += 1
+                continue
+            coffset, csize = layout.compressed_range(entry)
+            counter.inc(coffset, csize)
+            if active:
+                res.allocated_clusters += 1
+                res.compressed_clusters += 1
+                res.fragmented_clusters += 1
+        elif type_ in (NORMAL, ZERO_ALLOC):
+            offset = entry & L2E_OFFSET_MASK
+            if (bitmap >> 32) & bitmap:
+                res.corruptions += 1
+                res.report(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
+                           "allocation bitmap")
+            if offset % cs:
+                res.corruptions += 1
+                contains_data = bool(bitmap & 0xFFFFFFFF) if ext else \
+                    not entry & QCOW_OFLAG_ZERO
+                kind = "Data" if contains_data else "Preallocated"
+                res.report(f"ERROR offset={offset:x}: {kind} cluster is not properly aligned; "
+                           "L2 entry corrupted.")
+            if active:
+                res.allocated_clusters += 1
+                if next_contiguous and offset != next_contiguous:
+                    res.fragmented_clusters += 1
+                next_contiguous = offset + cs
+            if not has_data_file:
+                counter.inc(offset, cs)
+        elif type_ == UNALLOCATED_PLAIN:
+            if bitmap & 0xFFFFFFFF:
+                res.corruptions += 1
+                res.report("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+        elif type_ == ZERO_PLAIN:
+            pass
+
+
+def _check_refblocks(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
+    rc = drv.refcounts
+    cs = drv.cluster_size
+    for i, raw in enumerate(rc.table):
+        if not raw:
+            continue
+        if raw & REFT_RESERVED_MASK:
+            res.report(f"ERROR refcount table entry {i} has reserved bits set")
+            res.corruptions += 1
+            res.rebuild = True
+            continue
+        offset = raw & REFT_OFFSET_MASK
+        cluster = offset >> drv.cluster_bits
+        if offset % cs:
+            res.report(f"ERROR refcount block {i} is not cluster aligned; refcount table "
+                       "entry corrupted")
+            res.corruptions += 1
+            res.rebuild = True
+            continue
+        if cluster >= counter.nb_clusters:
+            res.report(f"ERROR refcount block {i} is outside image")
+            res.corruptions += 1
+            res.rebuild = True
+            continue
+        counter.inc(offset, cs)
+        if counter.counts[cluster] != 1:
+            res.report(f"ERROR refcount block {i} refcount={counter.counts[cluster]}")
+            res.corruptions += 1
+            res.rebuild = True
+
+
+def _stored_block(drv: "Qcow2Driver", index: int):
+    """The stored refcounts of block ``index`` (None if absent or unreadable)."""
+    try:
+        blk = drv.refcounts._load(index)
+    except Exception:        # noqa: BLE001 - reported by the caller as a check error
+        return "error"
+    return None if blk is None else blk.values
+
+
+def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> int:
+    """Compare stored and computed refcounts; returns the highest used cluster."""
+    layout = drv.layout
+    entries = layout.refblock_entries
+    counts = counter.counts
+    highest = 0
+    n = counter.nb_clusters
+    index = 0
+    zero_block = None
+    while index * entries < n:
+        lo = index * entries
+        hi = min(n, lo + entries)
+        computed = counts[lo:hi]
+        stored = _stored_block(drv, index)
+        if stored == "error":
+            for i in range(lo, hi):
+                res.report(f"Can't get refcount for cluster {i}: Input/output error")
+                res.check_errors += 1
+            index += 1
+            continue
+        if stored is None:
+            if zero_block is None or len(zero_block) != hi - lo:
+                zero_block = array(counts.typecode, bytes(counts.itemsize * (hi - lo)))
+            stored_part = zero_block
+        else:
+            stored_part = stored[:hi - lo]
+        if stored_part == computed:
+            raw = computed.tobytes().rstrip(b"\0")
+            if raw:
+                highest = lo + (len(raw) - 1) // counts.itemsize
+        else:
+            for i in range(hi - lo):
+                r1, r2 = stored_part[i], computed[i]
+                if r1 or r2:
+                    highest = lo + i
+                if r1 == r2:
+                    continue
+                if r1 == 0:
+                    res.rebuild = True
+                if r1 < r2:
+                    res.report(f"ERROR cluster {lo + i} refcount={r1} reference={r2}")
+                    res.corruptions += 1
+                else:
+                    res.report(f"Leaked cluster {lo + i} refcount={r1} reference={r2}")
+                    res.leaks += 1
+        index += 1
+    return highest
+
+
+def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult) -> None:
+    layout = drv.layout
+    rc = drv.refcounts
+    cbits = drv.cluster_bits
+    has_data_file = drv.data_file is not None
+    step = 2 if layout.extended_l2 else 1
+    for l1i, l1_entry in enumerate(drv.l1.values):
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        try:
+            refcount = rc.get(l2_offset >> cbits)
+        except Exception:      # noqa: BLE001 - already reported by the comparison
+            continue
+        if (refcount == 1) != bool(l1_entry & QCOW_OFLAG_COPIED):
+            res.report(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={l1_entry:x} "
+                       f"refcount={refcount}")
+            res.corruptions += 1
+        words = read_be64_array(drv.file, l2_offset, layout.l2_entries * step)
+        for j in range(layout.l2_entries):
+            entry = words[j * step]
+            if not entry or entry & QCOW_OFLAG_COMPRESSED:
+                continue
+            type_ = layout.cluster_type(entry)
+            if type_ not in (NORMAL, ZERO_ALLOC):
+                continue
+            if has_data_file:
+                refcount = 1
+            else:
+                try:
+                    refcount = rc.get((entry & L2E_OFFSET_MASK) >> cbits)
+                except Exception:      # noqa: BLE001
+                    continue
+            if (refcount == 1) != bool(entry & QCOW_OFLAG_COPIED):
+                res.report(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                           f"refcount={refcount}")
+                res.corruptions += 1
+
+
+def metadata_clusters(drv: "Qcow2Driver") -> dict[int, str]:
+    """Host clusters holding metadata, with QEMU's overlap-check names."""
+    cs = drv.cluster_size
+    cbits = drv.cluster_bits
+    h = drv.header
+    meta: dict[int, str] = {0: "qcow2_header"}
+
+    def add(offset: int, size: int, name: str) -> None:
+        if size <= 0:
+            return
+        for c in range(offset >> cbits, ((offset + size - 1) >> cbits) + 1):
+            meta.setdefault(c, name)
+
+    add(drv.l1.offset, len(drv.l1) * 8, "active L1 table")
+    rc = drv.refcounts
+    add(rc.table_offset, len(rc.table) * 8, "refcount table")
+    if h.nb_snapshots:
+        from imagetools.formats.qcow2.snapshots import snapshot_table_size
+        add(h.snapshots_offset, snapshot_table_size(drv.file, h), "snapshot table")
+    for sn in drv.snapshots():
+        add(sn.l1_table_offset, sn.l1_size * 8, "inactive L1 table")
+    for entry in drv.l1.values:
+        if entry & L1E_OFFSET_MASK:
+            add(entry & L1E_OFFSET_MASK, cs, "active L2 table")
+    for raw in rc.table:
+        if raw & REFT_OFFSET_MASK:
+            add(raw & REFT_OFFSET_MASK, cs, "refcount block")
+    for sn in drv.snapshots():
+        if sn.l1_size and sn.l1_table_offset % cs == 0:
+            for entry in read_be64_array(drv.file, sn.l1_table_offset, sn.l1_size):
+                if entry & L1E_OFFSET_MASK:
+                    add(entry & L1E_OFFSET_MASK, cs, "inactive L2 table")
+    return meta

@@ -1,0 +1,604 @@
+"""The qcow2 driver: open, read, block status, metadata writeback, close.
+
+Reading walks the L1/L2 tables in *runs*: consecutive (sub)clusters of the
+same type whose host offsets follow each other are one run, so contiguous
+data is one pread and block status is one extent per run. Unallocated runs
+read from (and report the status of) the backing file; compressed clusters
+are decompressed one at a time (the last one is cached).
+
+The write path lives in :mod:`.write` (a mixin); this module owns the
+metadata lifecycle: tables are changed in memory and written back in the
+order data -> refcounts -> L2 -> L1, with flushes in between, so that being
+killed at any moment leaves at worst leaked clusters (see ``writeback``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Iterator
+
+from imagetools.errors import (
+    CorruptImageError, ImageError, ImageIOError, ImageOpenError, UnsupportedError)
+from imagetools.formats import magic
+from imagetools.formats.base import Driver, Extent, SnapshotInfo
+from imagetools.formats.hostfile import HostFile
+from imagetools.formats.qcow2 import header as hdr
+from imagetools.formats.qcow2.compression import decompress
+from imagetools.formats.qcow2.layout import (
+    COMPRESSED, INVALID, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED,
+    UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN, Layout)
+from imagetools.formats.qcow2.refcount import Refcounts
+from imagetools.formats.qcow2.tables import L1Table, L2Cache
+from imagetools.formats.qcow2.write import Qcow2Writer
+
+#: run types that read from the backing file
+_UNALLOCATED = (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
+
+
+class Run:
+    """A guest range ``[start, start+length)`` of one (sub)cluster type.
+
+    ``host`` is the host offset of ``start`` for NORMAL / ZERO_ALLOC /
+    UNALLOCATED_ALLOC runs; ``entry`` is the L2 entry for COMPRESSED runs
+    (one cluster each).
+    """
+
+    __slots__ = ("start", "length", "type", "host", "entry")
+
+    def __init__(self, start: int, length: int, type_: int, host: int | None,
+                 entry: int = 0) -> None:
+        self.start = start
+        self.length = length
+        self.type = type_
+        self.host = host
+        self.entry = entry
+
+    def __repr__(self) -> str:
+        return f"Run({self.start:#x}+{self.length:#x} type={self.type} host={self.host})"
+
+
+class Qcow2Driver(Qcow2Writer, Driver):
+    format_name = "qcow2"
+    supports_backing = True
+
+    # -- opening ----------------------------------------------------------
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        return magic.probe_qcow2(header, filename)
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
+             probed: bool = False) -> "Qcow2Driver":
+        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
+        try:
+            return cls(file, filename, read_only=read_only, force_share=force_share)
+        except ImageOpenError:
+            file.close()
+            raise
+        except ImageError as err:
+            file.close()
+            raise ImageOpenError(filename, str(err)) from None
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        from imagetools.formats.qcow2.create import create
+        create(filename, size, options)
+
+    def __init__(self, file: HostFile, filename: str, *, read_only: bool,
+                 force_share: bool = False) -> None:
+        super().__init__(filename, read_only=read_only)
+        self.file = file
+        self.force_share = force_share
+        self.data_file: HostFile | None = None
+        self._closed = False
+        length = file.length()
+        first = file.pread_full(0, 512)
+        bits = struct.unpack_from(">I", first, 20)[0]
+        if hdr.MIN_CLUSTER_BITS <= bits <= hdr.MAX_CLUSTER_BITS and first[:4] == hdr.QCOW_MAGIC:
+            first = file.pread_full(0, 1 << bits)
+        self.header = h = hdr.parse_header(first, length)
+        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not read_only:
+            raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
+        self.layout = Layout(h)
+        self.cluster_bits = h.cluster_bits
+        self._cluster_size = h.cluster_size
+        self._size = h.size
+        self.l1 = L1Table(file, h.l1_table_offset, h.l1_size)
+        self.refcounts = Refcounts(file, self.layout, h.refcount_table_offset,
+                                   h.refcount_table_clusters,
+                                   update_header=self._write_reftable_pointer,
+                                   read_only=read_only)
+        self.l2_cache = L2Cache(file, self.layout)
+        self._open_data_file(filename)
+        from imagetools.formats.qcow2.snapshots import read_snapshots
+        self._snapshots = read_snapshots(file, h)
+        self._bitmaps = None
+        self._compressed_cache: tuple[int, bytes] | None = None
+        self._prealloc_detected: bool | None = None
+        self._first_write_done = False
+        self._overlap = None
+        self.init_writer()
+        self.refcounts.on_metadata = self._note_metadata
+
+    def _open_data_file(self, filename: str) -> None:
+        h = self.header
+        if h.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+            name = h.data_file
+            if not name:
+                raise ImageError("'data-file' is required for this image")
+            path = _data_file_path(filename, name)
+            self.data_file = HostFile.open(path, read_only=self.read_only,
+                                           force_share=self.force_share, data_file=True)
+            self.data_filename_resolved = path
+        elif h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW:
+            raise ImageError("data-file-raw requires a data file")
+
+    # -- properties --------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cluster_size
+
+    @property
+    def backing_filename(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    @property
+    def data_filename(self) -> str | None:
+        if self.header.incompatible_features & hdr.INCOMPAT_DATA_FILE:
+            return self.header.data_file
+        return None
+
+    @property
+    def data_file_raw(self) -> bool:
+        return bool(self.data_file and self.header.autoclear_features
+                    & hdr.AUTOCLEAR_DATA_FILE_RAW)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.header.crypt_method != hdr.CRYPT_NONE
+
+    @property
+    def corrupt(self) -> bool:
+        return bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        return bool(self.header.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+
+    def is_dirty(self) -> bool:
+        return bool(self.header.incompatible_features & hdr.INCOMPAT_DIRTY)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return list(self._snapshots)
+
+    def bitmaps(self):
+        """Persistent bitmaps (name, granularity, flags), as info shows them."""
+        if self._bitmaps is None:
+            from imagetools.formats.qcow2.bitmaps import read_bitmaps
+            self._bitmaps = read_bitmaps(self.file, self.header)
+        return self._bitmaps
+
+    def allocated_size(self) -> int | None:
+        size = self.file.allocated()
+        if self.data_file is not None:
+            size += self.data_file.allocated()
+        return size
+
+    def has_zero_init(self) -> bool:
+        if self.data_file is not None and self.data_file.is_block:
+            return False
+        return True
+
+    def format_specific(self) -> dict[str, Any]:
+        h = self.header
+        data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10"}
+        if h.version >= 3:
+            if self.data_filename is not None:
+                data["data-file"] = self.data_filename
+                data["data-file-raw"] = bool(h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW)
+            data["extended-l2"] = h.extended_l2
+            data["lazy-refcounts"] = self.lazy_refcounts
+            data["corrupt"] = self.corrupt
+        data["refcount-bits"] = h.refcount_bits
+        if h.crypt_method == hdr.CRYPT_AES:
+            data["encrypt"] = {"format": "aes"}
+        elif h.crypt_method == hdr.CRYPT_LUKS:
+            data["encrypt"] = {"format": "luks"}
+        if h.extension(hdr.EXT_BITMAPS) is not None and \
+                h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+            data["bitmaps"] = [{"name": b.name, "granularity": b.granularity,
+                                "flags": b.flag_names()} for b in self.bitmaps()]
+        data["compression-type"] = hdr.COMPRESSION_NAMES[h.compression_type]
+        return {"type": "qcow2", "data": data}
+
+    # -- the cluster map -----------------------------------------------------
+
+    def _l2_values(self, l1_index: int):
+        """The L2 table's values for ``l1_index``, or None if unallocated."""
+        if l1_index >= len(self.l1):
+            return None
+        entry = self.l1.values[l1_index]
+        offset = entry & L1E_OFFSET_MASK
+        if not offset:
+            return None
+        if offset % self._cluster_size:
+            raise CorruptImageError(f"L2 table offset {offset:#x} unaligned "
+                                    f"(L1 index: {l1_index:#x})")
+        return self.l2_cache.get(offset).values
+
+    def runs(self, offset: int, length: int) -> Iterator[Run]:
+        """The mapping of guest ``[offset, offset+length)`` as merged runs."""
+        end = offset + length
+        layout = self.layout
+        pending: Run | None = None
+        pos = offset
+        while pos < end:
+            l1i = layout.l1_index(pos)
+            slice_end = min(end, (l1i + 1) * layout.l2_coverage)
+            values = self._l2_values(l1i)
+            if values is None:
+                pieces = [(pos, slice_end - pos, UNALLOCATED_PLAIN, None, 0)]
+            else:
+                pieces = self._l2_pieces(values, pos, slice_end)
+            for start, n, type_, host, entry in pieces:
+                if pending is not None and pending.type == type_ and type_ != COMPRESSED and \
+                        pending.start + pending.length == start and \
+                        (host is None or (pending.host is not None
+                                          and pending.host + pending.length == host)):
+                    pending.length += n
+                    continue
+                if pending is not None:
+                    yield pending
+                pending = Run(start, n, type_, host, entry)
+            pos = slice_end
+        if pending is not None:
+            yield pending
+
+    def _l2_pieces(self, values, pos: int, end: int) -> list[tuple]:
+        """(start, length, type, host, entry) for each (sub)cluster piece of one L2 slice."""
+        layout = self.layout
+        cs = self._cluster_size
+        cbits = self.cluster_bits
+        out: list[tuple] = []
+        ext = layout.extended_l2
+        mask = layout.l2_entries - 1
+        ci = pos >> cbits
+        last = (end - 1) >> cbits
+        append = out.append
+        cluster_type = layout.cluster_type
+        while ci <= last:
+            idx = ci & mask
+            cstart = ci << cbits
+            s = max(pos, cstart)
+            e = min(end, cstart + cs)
+            if not ext:
+                entry = values[idx]
+                if entry == 0:
+                    # skip a stretch of unallocated entries in one step
+                    j = idx + 1
+                    lim = last & mask
+                    while j <= lim and values[j] == 0:
+                        j += 1
+                    table_base = cstart - idx * cs
+                    stop = min(end, table_base + j * cs)
+                    append((s, stop - s, UNALLOCATED_PLAIN, None, 0))
+                    ci = (table_base + j * cs) >> cbits
+                    continue
+                type_ = cluster_type(entry)
+                if type_ in (NORMAL, ZERO_ALLOC):
+                    host = (entry & L2E_OFFSET_MASK) + (s - cstart)
+                    append((s, e - s, type_, host, entry))
+                elif type_ == COMPRESSED:
+                    append((s, e - s, COMPRESSED, None, entry))
+                else:
+                    append((s, e - s, type_, None, entry))
+            else:
+                entry = values[2 * idx]
+                bitmap = values[2 * idx + 1]
+                self._subcluster_pieces(entry, bitmap, cstart, s, e, append)
+            ci += 1
+        return out
+
+    def _subcluster_pieces(self, entry: int, bitmap: int, cstart: int, s: int, e: int,
+                           append) -> None:
+        layout = self.layout
+        if layout.cluster_type(entry) == COMPRESSED:
+            append((s, e - s, COMPRESSED, None, entry))
+            return
+        sbits = layout.subcluster_bits
+        host_base = entry & L2E_OFFSET_MASK
+        sc = (s - cstart) >> sbits
+        last_sc = (e - 1 - cstart) >> sbits
+        while sc <= last_sc:
+            type_ = layout.subcluster_type(entry, bitmap, sc)
+            if type_ == INVALID:
+                raise CorruptImageError(f"Invalid subcluster allocation bitmap "
+                                        f"{bitmap:#x} for the cluster at guest {cstart:#x}")
+            # extend over following subclusters of the same type
+            j = sc + 1
+            while j <= last_sc and layout.subcluster_type(entry, bitmap, j) == type_:
+                j += 1
+            ps = max(s, cstart + (sc << sbits))
+            pe = min(e, cstart + (j << sbits))
+            host = host_base + (ps - cstart) if type_ in (NORMAL, ZERO_ALLOC,
+                                                          UNALLOCATED_ALLOC) else None
+            append((ps, pe - ps, type_, host, entry))
+            sc = j
+
+    # -- reading -----------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ImageIOError(f"Request out of range: offset {offset} length {length} "
+                               f"(image size {self._size})")
+
+    def _check_crypto(self) -> None:
+        if self.encrypted:
+            raise UnsupportedError("Encrypted qcow2 images are not supported by qimg yet")
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def read_into(self, offset: int, buf) -> None:
+        view = memoryview(buf).cast("B")
+        length = len(view)
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        self._check_crypto()
+        data = self.data_file or self.file
+        for run in self.runs(offset, length):
+            lo = run.start - offset
+            part = view[lo:lo + run.length]
+            if run.type == NORMAL:
+                data.preadinto(run.host, part)
+            elif run.type in _UNALLOCATED:
+                self._read_backing(run.start, part)
+            elif run.type == COMPRESSED:
+                cstart = run.start & ~(self._cluster_size - 1)
+                cluster = self._decompress(run.entry, cstart)
+                part[:] = cluster[run.start - cstart:run.start - cstart + run.length]
+            else:
+                part[:] = bytes(run.length)
+
+    def _read_backing(self, start: int, part: memoryview) -> None:
+        n = len(part)
+        backing = self.backing
+        if backing is None:
+            part[:] = bytes(n)
+            return
+        bsize = backing.size
+        avail = max(0, min(n, bsize - start))
+        if avail:
+            backing.read_into(start, part[:avail])
+        if avail < n:
+            part[avail:] = bytes(n - avail)
+
+    def _decompress(self, entry: int, cstart: int) -> bytes:
+        cached = self._compressed_cache
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        if self.data_file is not None:
+            raise CorruptImageError("Compressed cluster in an image with an external data file")
+        coffset, nbytes = self.layout.compressed_range(entry)
+        raw = self.file.pread(coffset, nbytes)
+        data = decompress(self.header.compression_type, raw, self._cluster_size)
+        self._compressed_cache = (entry, data)
+        return data
+
+    # -- block status --------------------------------------------------------
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        if length is None:
+            length = self._size - offset
+        self._check_range(offset, length)
+        if length == 0:
+            return
+        data_name = self.data_file.filename if self.data_file is not None else self.filename
+        data_file = self.data_file or self.file
+        crypt = self.encrypted
+        recurse = self._metadata_preallocated()
+        for run in self.runs(offset, length):
+            t = run.type
+            if t == NORMAL:
+                if recurse and not crypt:
+                    yield from self._recurse_file(run, data_file, data_name)
+                else:
+                    yield Extent(run.start, run.length, True, False, True,
+                                 None if crypt else run.host, 0, data_name)
+            elif t == COMPRESSED:
+                yield Extent(run.start, run.length, True, False, True, None, 0, data_name,
+                             compressed=True)
+            elif t == ZERO_PLAIN:
+                yield Extent(run.start, run.length, True, True, False, None, 0, None)
+            elif t == ZERO_ALLOC:
+                yield Extent(run.start, run.length, True, True, False,
+                             None if crypt else run.host, 0, data_name)
+            else:
+                yield from self._backing_status(run, data_name)
+
+    def _backing_status(self, run: Run, data_name: str) -> Iterator[Extent]:
+        """Status of a run this image does not allocate (as qemu-img map sees it).
+
+        Where the backing file does not reach (or there is none) the run
+        reads as zeros and stays at this depth; an unallocated subcluster of
+        an allocated cluster still shows its host offset there, as QEMU's.
+        """
+        start, length = run.start, run.length
+        host = None if self.encrypted else run.host
+        backing = self.backing
+        bsize = backing.size if backing is not None else 0
+        inside = max(0, min(length, bsize - start))
+        if inside:
+            for ext in backing.block_status(start, inside):
+                yield ext.deeper()
+        if inside < length:
+            off = None if host is None else host + inside
+            yield Extent(start + inside, length - inside, False, True, False, off, 0,
+                         None if off is None else data_name)
+
+    def _recurse_file(self, run: Run, data_file: HostFile, name: str) -> Iterator[Extent]:
+        """Metadata-preallocated images: data clusters that are holes read as zeros."""
+        flen = data_file.length()
+        pos, end, host = run.start, run.start + run.length, run.host
+        while pos < end:
+            h = host + (pos - run.start)
+            if h >= flen:
+                yield Extent(pos, end - pos, True, True, True, h, 0, name)
+                return
+            for hs, n, is_data in data_file.data_runs(h, min(flen, h + (end - pos))):
+                gs = run.start + (hs - host)
+                yield Extent(gs, n, True, not is_data, True, hs, 0, name)
+            pos = run.start + (min(flen, h + (end - pos)) - host)
+
+    def _metadata_preallocated(self) -> bool:
+        """QEMU's heuristic: far more clusters in use than the file really holds."""
+        if self._prealloc_detected is None:
+            file = self.file
+            real_clusters = file.allocated() // self._cluster_size
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = -(-file.length() // self._cluster_size)
+            count = 0
+            i = 0
+            while i < end_cluster and count < threshold:
+                if self.refcounts.get(i):
+                    count += 1
+                i += 1
+            self._prealloc_detected = count >= threshold
+        return self._prealloc_detected
+
+    # -- snapshots -----------------------------------------------------------
+
+    def open_snapshot(self, name_or_id: str) -> Driver:
+        from imagetools.formats.qcow2.snapshots import find_snapshot
+        from imagetools.formats.qcow2.snapview import SnapshotView
+        snap = find_snapshot(self._snapshots, name_or_id)
+        if snap is None:
+            raise ImageError(f"Failed to load snapshot: Can't find snapshot")
+        return SnapshotView(self, snap)
+
+    # -- check -----------------------------------------------------------------
+
+    def check(self):
+        from imagetools.formats.qcow2.check import check_image
+        self.writeback()
+        return check_image(self)
+
+    # -- metadata writeback ------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.data_file is not None:
+            self.data_file.flush()
+        self.file.flush()
+
+    def writeback(self) -> None:
+        """Write changed metadata in crash-safe order (see the module docstring).
+
+        Data clusters were written when allocated. Then: refcount blocks and
+        refcount table (new clusters are counted before anything points at
+        them), flush, L2 tables, L1 entries, flush. Clusters freed by the
+        changed tables are only now decremented (in memory; written by the
+        next writeback), so nothing on disk ever points at a free cluster.
+        """
+        if self.read_only:
+            return
+        rc = self.refcounts
+        while True:
+            if not (rc.dirty or self.l1.dirty or self.l2_cache.dirty_count
+                    or rc.pending_free):
+                return
+            self._before_metadata_write()
+            rc.write_blocks()
+            rc.write_table(self._sync)
+            self._sync()
+            self.l2_cache.write_dirty()
+            self.l1.write_dirty()
+            self._sync()
+            if not rc.pending_free:
+                return
+            rc.apply_pending_frees()
+
+    def _write_reftable_pointer(self, offset: int, clusters: int) -> None:
+        self.file.pwrite(48, struct.pack(">QI", offset, clusters))
+        self.header.refcount_table_offset = offset
+        self.header.refcount_table_clusters = clusters
+
+    def _write_header(self) -> None:
+        """Rewrite the header cluster's used part (fields + extensions)."""
+        data = self.header.encode()
+        self.file.pwrite(0, data)
+
+    def _set_incompat(self, bit: int, on: bool) -> None:
+        h = self.header
+        value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)
+        if value == h.incompatible_features:
+            return
+        h.incompatible_features = value
+        self.file.pwrite(72, struct.pack(">Q", value))
+        self.file.flush()
+
+    def _before_metadata_write(self) -> None:
+        """First change of this session: autoclear bits, dirty bit for lazy refcounts."""
+        if self._first_write_done:
+            return
+        self._first_write_done = True
+        h = self.header
+        if h.version >= 3:
+            keep = h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW
+            if h.autoclear_features != keep:
+                # We do not maintain persistent bitmaps (or unknown autoclear
+                # features): clearing their bits tells QEMU they are stale.
+                h.autoclear_features = keep
+                self.file.pwrite(88, struct.pack(">Q", keep))
+            if self.lazy_refcounts:
+                self._set_incompat(hdr.INCOMPAT_DIRTY, True)
+
+    def flush(self) -> None:
+        if self._closed or self.read_only:
+            return
+        self.writeback()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                self.writeback()
+                if self.is_dirty() and self.lazy_refcounts:
+                    self._sync()
+                    self._set_incompat(hdr.INCOMPAT_DIRTY, False)
+        finally:
+            self._closed = True
+            self.file.close()
+            if self.data_file is not None:
+                self.data_file.close()
+            if self.backing is not None:
+                self.backing.close()
+
+
+def _data_file_path(image: str, name: str) -> str:
+    """Where the external data file is: as QEMU 7.2 (relative to the working
+    directory) if that exists, else relative to the image's directory."""
+    from imagetools.image import resolve_backing_path
+    if name.startswith("/") or os.path.exists(name):
+        return name
+    return resolve_backing_path(image, name)
+
+
+DRIVER = Qcow2Driver

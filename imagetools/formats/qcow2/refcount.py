@@ -1,0 +1,374 @@
+"""qcow2 reference counts: the two-level table, its cache and the allocator.
+
+The refcount table (one contiguous run of clusters) points at refcount
+blocks (one cluster each) holding ``refcount_bits``-wide counters, one per
+host cluster. This module keeps the table and the blocks it has loaded in
+memory as arrays of native integers, hands out contiguous runs of free
+clusters, and writes changed metadata back in the order that keeps the file
+consistent if we are killed half way:
+
+1. refcount blocks (a block is always written before a table entry points
+   at it), then the table entries that changed;
+2. a grown table is written in full at its new place, flushed, and only then
+   does the header switch to it (one 12-byte write); the old table's
+   clusters are freed afterwards.
+
+Refcount *decrements* are never applied here directly by the data path:
+the driver queues them (:meth:`Refcounts.defer_free`) and applies them after
+the L2 tables that stopped referencing those clusters are on disk, so a
+cluster is never reused while an on-disk table still points at it.
+
+Sub-byte widths (1, 2, 4 bits) are expanded to one byte per entry in
+memory; on disk bit 0 is the least significant bit, as the spec says.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from typing import Callable
+
+from imagetools.errors import CorruptImageError, ImageError
+from imagetools.formats.hostfile import HostFile
+from imagetools.formats.qcow2.header import QCOW_MAX_REFTABLE_SIZE
+from imagetools.formats.qcow2.layout import REFT_OFFSET_MASK, Layout
+
+_TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
+assert array("I").itemsize == 4 and array("Q").itemsize == 8
+
+
+class RefBlock:
+    """One refcount block in memory."""
+
+    __slots__ = ("offset", "values", "dirty")
+
+    def __init__(self, offset: int, values: array, dirty: bool = False) -> None:
+        self.offset = offset
+        self.values = values
+        self.dirty = dirty
+
+
+class Refcounts:
+    """The refcount structures of one open image."""
+
+    def __init__(self, file: HostFile, layout: Layout, table_offset: int,
+                 table_clusters: int, *, update_header: Callable[[int, int], None] | None,
+                 read_only: bool) -> None:
+        self.file = file
+        self.layout = layout
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.update_header = update_header
+        self.read_only = read_only
+        nbytes = table_clusters * layout.cluster_size
+        raw = file.pread_full(table_offset, nbytes)
+        table = array("Q", raw)
+        if struct.pack("=H", 1) != struct.pack(">H", 1):
+            table.byteswap()
+        self.table = table
+        self.table_dirty: set[int] = set()
+        self.blocks: dict[int, RefBlock] = {}
+        self.free_hint = 0
+        self.pending_free: list[tuple[int, int]] = []
+        #: clusters of the previous table, freed once the header moved on
+        self.old_tables: list[tuple[int, int]] = []
+        bits = layout.refcount_bits
+        self._code = _TYPECODES.get(bits, "B")
+        self._subbyte = bits < 8
+        #: told about every cluster that becomes refcount metadata
+        self.on_metadata: Callable[[int, str], None] | None = None
+
+    # -- reading ----------------------------------------------------------
+
+    def block_offset(self, index: int) -> int:
+        if index >= len(self.table):
+            return 0
+        return self.table[index] & REFT_OFFSET_MASK
+
+    def _load(self, index: int) -> RefBlock | None:
+        blk = self.blocks.get(index)
+        if blk is not None:
+            return blk
+        offset = self.block_offset(index)
+        if not offset:
+            return None
+        if offset % self.layout.cluster_size:
+            raise CorruptImageError(f"Refblock offset {offset:#x} unaligned (reftable index: "
+                                    f"{index:#x})")
+        raw = self.file.pread_full(offset, self.layout.cluster_size)
+        blk = RefBlock(offset, self._decode(raw))
+        self.blocks[index] = blk
+        return blk
+
+    def _decode(self, raw: bytes) -> array:
+        bits = self.layout.refcount_bits
+        if self._subbyte:
+            per = 8 // bits
+            mask = (1 << bits) - 1
+            out = array("B", bytes(len(raw) * per))
+            for k in range(per):
+                shift = k * bits
+                table = bytes(((b >> shift) & mask) for b in range(256))
+                out[k::per] = array("B", raw.translate(table))
+            return out
+        values = array(self._code, raw)
+        if bits > 8:
+            values.byteswap()
+        return values
+
+    def _encode(self, values: array) -> bytes:
+        bits = self.layout.refcount_bits
+        if self._subbyte:
+            per = 8 // bits
+            n = len(values) // per
+            acc = 0
+            for k in range(per):
+                shift = k * bits
+                table = bytes(((v << shift) & 0xFF) for v in range(256))
+                acc |= int.from_bytes(values[k::per].tobytes().translate(table), "big")
+            return acc.to_bytes(n, "big")
+        if bits > 8:
+            copy = array(self._code, values)
+            copy.byteswap()
+            return copy.tobytes()
+        return values.tobytes()
+
+    def get(self, cluster: int) -> int:
+        """Refcount of host cluster ``cluster`` (0 where no block exists)."""
+        blk = self._load(cluster >> self.layout.refblock_bits)
+        if blk is None:
+            return 0
+        return blk.values[cluster & (self.layout.refblock_entries - 1)]
+
+    # -- changing ---------------------------------------------------------
+
+    def _new_block_values(self) -> array:
+        return array(self._code, bytes(self.layout.refblock_entries
+                                       * (1 if self._subbyte else array(self._code).itemsize)))
+
+    def change(self, first: int, count: int, delta: int) -> None:
+        """Add ``delta`` to the refcounts of ``count`` clusters from ``first``.
+
+        The blocks must exist (the allocator creates them); a refcount that
+        would leave ``0..refcount_max`` is an error and nothing changes.
+        """
+        entries = self.layout.refblock_entries
+        bits = self.layout.refblock_bits
+        maxv = self.layout.refcount_max
+        # validate first so that a failure changes nothing
+        pos, end = first, first + count
+        while pos < end:
+            blk = self._load(pos >> bits)
+            stop = min(end, ((pos >> bits) + 1) << bits)
+            if blk is None:
+                if delta < 0:
+                    raise CorruptImageError(f"Refcount underflow at cluster {pos:#x}")
+                raise ImageError(f"qcow2: no refcount block for cluster {pos:#x}")
+            vals = blk.values
+            lo, hi = pos & (entries - 1), ((stop - 1) & (entries - 1)) + 1
+            if delta > 0 and max(vals[lo:hi]) + delta > maxv:
+                raise ImageError("Refcount overflow: the refcount width of this image is "
+                                 "too small")
+            if delta < 0 and min(vals[lo:hi]) + delta < 0:
+                raise CorruptImageError(f"Refcount underflow at cluster {pos:#x}")
+            pos = stop
+        pos = first
+        while pos < end:
+            blk = self._load(pos >> bits)
+            stop = min(end, ((pos >> bits) + 1) << bits)
+            vals = blk.values
+            lo, hi = pos & (entries - 1), ((stop - 1) & (entries - 1)) + 1
+            if delta == 1 and not any(vals[lo:hi]):
+                vals[lo:hi] = array(self._code, [1]) * (hi - lo)
+            else:
+                for i in range(lo, hi):
+                    vals[i] += delta
+            blk.dirty = True
+            pos = stop
+        if delta < 0 and first < self.free_hint:
+            self.free_hint = first
+
+    def set_one(self, cluster: int, value: int) -> None:
+        """Set one refcount outright (repair and self-describing blocks)."""
+        blk = self._load(cluster >> self.layout.refblock_bits)
+        if blk is None:
+            raise ImageError(f"qcow2: no refcount block for cluster {cluster:#x}")
+        blk.values[cluster & (self.layout.refblock_entries - 1)] = value
+        blk.dirty = True
+
+    def defer_free(self, first: int, count: int) -> None:
+        """Queue a decrement to apply once the L2 tables no longer point here."""
+        self.pending_free.append((first, count))
+
+    def apply_pending_frees(self) -> None:
+        pending, self.pending_free = self.pending_free, []
+        for first, count in pending:
+            self.change(first, count, -1)
+
+    # -- allocation -------------------------------------------------------
+
+    def _free_run_in(self, pos: int, limit: int, need: int) -> tuple[int, int]:
+        """First free cluster >= pos in the block holding pos, and the run length.
+
+        Returns (start, length) with length possibly < need (run hits the
+        block end or a used cluster); (limit, 0) if none in this block.
+        """
+        bits = self.layout.refblock_bits
+        entries = self.layout.refblock_entries
+        index = pos >> bits
+        block_end = min(limit, (index + 1) << bits)
+        blk = self._load(index)
+        if blk is None:
+            return pos, block_end - pos
+        vals = blk.values
+        lo = pos & (entries - 1)
+        hi = ((block_end - 1) & (entries - 1)) + 1
+        try:
+            i = vals.index(0, lo, hi)
+        except ValueError:
+            return block_end, 0
+        j = i + 1
+        want = min(hi, i + need)
+        while j < want and vals[j] == 0:
+            j += 1
+        base = index << bits
+        return base + i, j - i
+
+    def find_free(self, count: int, start: int | None = None) -> int:
+        """First cluster of a run of ``count`` free clusters (beyond EOF if needed)."""
+        pos = self.free_hint if start is None else start
+        limit = 1 << 62
+        while True:
+            run_start, n = self._free_run_in(pos, limit, count)
+            if n == 0:
+                pos = run_start
+                continue
+            # extend across following blocks
+            total = n
+            nxt = run_start + n
+            while total < count:
+                s, m = self._free_run_in(nxt, limit, count - total)
+                if s != nxt or m == 0:
+                    break
+                total += m
+                nxt += m
+            if total >= count:
+                return run_start
+            pos = nxt
+
+    def allocate(self, count: int) -> int:
+        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index."""
+        if self.read_only:
+            raise ImageError("qcow2: cannot allocate clusters in a read-only image")
+        while True:
+            first = self.find_free(count)
+            missing = self._missing_blocks(first, count)
+            if not missing:
+                self.change(first, count, 1)
+                self.free_hint = first + count
+                return first
+            for index in missing:
+                self._create_block(index)
+
+    def allocate_at(self, first: int, count: int) -> bool:
+        """Claim exactly clusters ``first..first+count-1`` if they are free."""
+        if self._missing_blocks(first, count):
+            return False
+        if any(self.get(c) for c in range(first, first + count)):
+            return False
+        self.change(first, count, 1)
+        if first <= self.free_hint < first + count:
+            self.free_hint = first + count
+        return True
+
+    def _missing_blocks(self, first: int, count: int) -> list[int]:
+        bits = self.layout.refblock_bits
+        return [i for i in range(first >> bits, ((first + count - 1) >> bits) + 1)
+                if not self.block_offset(i) and i not in self.blocks]
+
+    def _create_block(self, index: int) -> None:
+        """Make refcount block ``index``, stored in the first cluster it describes.
+
+        Every cluster a missing block describes is free, so its first one is
+        too, and the block then counts itself.
+        """
+        if index >= len(self.table):
+            self._grow_table(index + 1)
+            if self.block_offset(index) or index in self.blocks:
+                return
+        cluster = index << self.layout.refblock_bits
+        values = self._new_block_values()
+        values[0] = 1
+        blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
+        self.blocks[index] = blk
+        if self.on_metadata is not None:
+            self.on_metadata(blk.offset, "refcount block")
+        self.table[index] = blk.offset
+        self.table_dirty.add(index)
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the table to a bigger place (in memory; written by writeback)."""
+        cs = self.layout.cluster_size
+        old_entries = len(self.table)
+        new_entries = max(old_entries, cs // 8)
+        while new_entries < min_entries + 2:
+            new_entries = new_entries * 3 // 2 + cs // 8
+        new_entries = -(-new_entries * 8 // cs) * cs // 8
+        if new_entries * 8 > QCOW_MAX_REFTABLE_SIZE:
+            raise ImageError("qcow2: the image is too large for its refcount table "
+                             f"(limit {QCOW_MAX_REFTABLE_SIZE} bytes)")
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table.extend(array("Q", bytes(8 * (new_entries - old_entries))))
+        clusters = new_entries * 8 // cs
+        first = self.allocate(clusters)
+        self.old_tables.append((old_offset, old_clusters))
+        self.table_offset = first * cs
+        self.table_clusters = clusters
+        if self.on_metadata is not None:
+            for k in range(clusters):
+                self.on_metadata((first + k) * cs, "refcount table")
+        self.table_dirty = set(range(len(self.table)))
+        self._table_moved = True
+
+    # -- writeback --------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.table_dirty) or any(b.dirty for b in self.blocks.values())
+
+    def write_blocks(self) -> None:
+        """Write every changed refcount block (step 1 of a writeback)."""
+        for blk in sorted(self.blocks.values(), key=lambda b: b.offset):
+            if blk.dirty:
+                self.file.pwrite(blk.offset, self._encode(blk.values))
+                blk.dirty = False
+
+    def write_table(self, flush: Callable[[], None]) -> None:
+        """Write changed table entries, or the moved table and switch the header."""
+        if not self.table_dirty:
+            return
+        moved = getattr(self, "_table_moved", False)
+        if moved:
+            out = array("Q", self.table)
+            out.byteswap()
+            flush()
+            self.file.pwrite(self.table_offset, out.tobytes())
+            flush()
+            if self.update_header is not None:
+                self.update_header(self.table_offset, self.table_clusters)
+            flush()
+            self._table_moved = False
+            self.table_dirty.clear()
+            cs = self.layout.cluster_size
+            for offset, clusters in self.old_tables:
+                self.defer_free(offset // cs, clusters)
+            self.old_tables = []
+            return
+        for index in sorted(self.table_dirty):
+            self.file.pwrite(self.table_offset + 8 * index, struct.pack(">Q", self.table[index]))
+        self.table_dirty.clear()
+
+    def drop_cache(self) -> None:
+        """Forget clean blocks (keeps memory bounded on huge images)."""
+        for index in [i for i, b in self.blocks.items() if not b.dirty]:
+            del self.blocks[index]

@@ -1,0 +1,90 @@
+"""The qcow2 internal snapshot table (reading; writing is the snapshot issue).
+
+Each entry: L1 table offset and size, id and name strings, date, VM clock,
+VM state size and "extra data" (64-bit VM state size, virtual disk size,
+icount). Entries are variable length and 8-byte aligned. Everything is
+bounds-checked: QEMU's limits (65536 snapshots, 1 KiB of extra data per
+entry, 64 MiB for the whole table, L1 tables of at most 32 MiB) apply.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from imagetools.errors import CorruptImageError
+from imagetools.formats.base import SnapshotInfo
+from imagetools.formats.hostfile import HostFile
+from imagetools.formats.qcow2.header import QCOW_MAX_L1_SIZE, Header
+
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_SNAPSHOTS_SIZE = 1024 * 0x10000
+_ENTRY = struct.Struct(">QIHHIIQII")
+
+
+def read_snapshots(file: HostFile, header: Header) -> list[SnapshotInfo]:
+    """Parse the snapshot table described by ``header``."""
+    if header.nb_snapshots == 0:
+        return []
+    cluster_size = header.cluster_size
+    offset = header.snapshots_offset
+    file_len = file.length()
+    snaps: list[SnapshotInfo] = []
+    total = 0
+    for _ in range(header.nb_snapshots):
+        offset = (offset + 7) & ~7
+        if offset + _ENTRY.size > file_len:
+            raise CorruptImageError("Snapshot table is truncated (past the end of the file)")
+        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock_nsec,
+         vm_state_size, extra_len) = _ENTRY.unpack(file.pread_full(offset, _ENTRY.size))
+        offset += _ENTRY.size
+        if extra_len > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            raise CorruptImageError("Too much extra metadata in snapshot table entry")
+        extra = file.pread_full(offset, extra_len)
+        offset += extra_len
+        names = file.pread_full(offset, id_len + name_len)
+        offset += id_len + name_len
+        total = offset - header.snapshots_offset
+        if total > QCOW_MAX_SNAPSHOTS_SIZE:
+            raise CorruptImageError("Snapshot table exceeds the maximum size")
+        if l1_size > QCOW_MAX_L1_SIZE // 8:
+            raise CorruptImageError("Snapshot L1 table too large")
+        if l1_offset % cluster_size:
+            raise CorruptImageError("Snapshot L1 table offset invalid")
+        disk_size = icount = None
+        if len(extra) >= 8:
+            vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+        if len(extra) >= 16:
+            disk_size = struct.unpack_from(">Q", extra, 8)[0]
+        if len(extra) >= 24:
+            raw_icount = struct.unpack_from(">q", extra, 16)[0]
+            icount = None if raw_icount < 0 else raw_icount
+        snaps.append(SnapshotInfo(
+            id=names[:id_len].decode("utf-8", "replace"),
+            name=names[id_len:].decode("utf-8", "replace"),
+            vm_state_size=vm_state_size, date_sec=date_sec, date_nsec=date_nsec,
+            vm_clock_nsec=vm_clock_nsec, icount=icount,
+            disk_size=disk_size if disk_size is not None else header.size,
+            l1_table_offset=l1_offset, l1_size=l1_size, extra=extra))
+    return snaps
+
+
+def snapshot_table_size(file: HostFile, header: Header) -> int:
+    """Bytes the snapshot table occupies (for refcount checks)."""
+    offset = header.snapshots_offset
+    for _ in range(header.nb_snapshots):
+        offset = (offset + 7) & ~7
+        (_, _, id_len, name_len, _, _, _, _, extra_len) = _ENTRY.unpack(
+            file.pread_full(offset, _ENTRY.size))
+        offset += _ENTRY.size + min(extra_len, QCOW_MAX_SNAPSHOT_EXTRA_DATA) + id_len + name_len
+    return offset - header.snapshots_offset
+
+
+def find_snapshot(snaps: list[SnapshotInfo], name_or_id: str) -> SnapshotInfo | None:
+    """As qemu-img convert -l / -s: an ID match first, then a name match."""
+    for snap in snaps:
+        if snap.id == name_or_id:
+            return snap
+    for snap in snaps:
+        if snap.name == name_or_id:
+            return snap
+    return None

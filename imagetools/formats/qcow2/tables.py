@@ -1,0 +1,128 @@
+"""The active L1 table and the L2 table cache of a qcow2 image.
+
+Tables live in memory as arrays of native 64-bit integers (one word per
+entry, or two -- entry and subcluster bitmap -- with extended L2). L2
+tables are cached by host offset with LRU eviction of clean tables; dirty
+tables stay until written back (the driver decides when: its writeback
+writes refcounts first, then L2 tables, then the L1 entries that changed).
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections import OrderedDict
+
+from imagetools.errors import CorruptImageError
+from imagetools.formats.hostfile import HostFile
+from imagetools.formats.qcow2.layout import Layout
+
+_NATIVE_LE = struct.pack("=H", 1) == struct.pack("<H", 1)
+
+
+def read_be64_array(file: HostFile, offset: int, count: int) -> array:
+    values = array("Q", file.pread_full(offset, 8 * count))
+    if _NATIVE_LE:
+        values.byteswap()
+    return values
+
+
+def be64_bytes(values: array) -> bytes:
+    if _NATIVE_LE:
+        values = array("Q", values)
+        values.byteswap()
+    return values.tobytes()
+
+
+class L2Table:
+    __slots__ = ("offset", "values", "dirty")
+
+    def __init__(self, offset: int, values: array, dirty: bool = False) -> None:
+        self.offset = offset
+        self.values = values
+        self.dirty = dirty
+
+
+class L2Cache:
+    """L2 tables by host offset; clean ones are evicted beyond ``max_tables``."""
+
+    def __init__(self, file: HostFile, layout: Layout, max_bytes: int = 64 << 20) -> None:
+        self.file = file
+        self.layout = layout
+        self.words = layout.l2_entries * layout.l2_entry_words
+        self.max_tables = max(16, max_bytes // layout.cluster_size)
+        self.tables: OrderedDict[int, L2Table] = OrderedDict()
+        self.file_length = file.length()
+
+    def get(self, offset: int) -> L2Table:
+        table = self.tables.get(offset)
+        if table is not None:
+            self.tables.move_to_end(offset)
+            return table
+        if offset % self.layout.cluster_size:
+            raise CorruptImageError(f"L2 table offset {offset:#x} unaligned")
+        table = L2Table(offset, read_be64_array(self.file, offset, self.words))
+        self._insert(table)
+        return table
+
+    def new(self, offset: int, values: array | None = None) -> L2Table:
+        """A table that exists only in memory so far (dirty)."""
+        if values is None:
+            values = array("Q", bytes(8 * self.words))
+        table = L2Table(offset, values, dirty=True)
+        self._insert(table)
+        return table
+
+    def _insert(self, table: L2Table) -> None:
+        self.tables[table.offset] = table
+        if len(self.tables) > self.max_tables:
+            for off in list(self.tables):
+                if len(self.tables) <= self.max_tables:
+                    break
+                if not self.tables[off].dirty:
+                    del self.tables[off]
+
+    def forget(self, offset: int) -> None:
+        self.tables.pop(offset, None)
+
+    @property
+    def dirty_count(self) -> int:
+        return sum(1 for t in self.tables.values() if t.dirty)
+
+    def write_dirty(self) -> None:
+        for table in sorted(self.tables.values(), key=lambda t: t.offset):
+            if table.dirty:
+                self.file.pwrite(table.offset, be64_bytes(table.values))
+                table.dirty = False
+
+
+class L1Table:
+    """The active L1 table (all of it in memory; QEMU caps it at 32 MiB)."""
+
+    def __init__(self, file: HostFile, offset: int, size: int) -> None:
+        self.file = file
+        self.offset = offset
+        self.values = read_be64_array(file, offset, size) if size else array("Q")
+        self.dirty: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def set(self, index: int, value: int) -> None:
+        self.values[index] = value
+        self.dirty.add(index)
+
+    def write_dirty(self) -> None:
+        if not self.dirty:
+            return
+        indices = sorted(self.dirty)
+        run_start = prev = indices[0]
+        for i in indices[1:] + [None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            chunk = array("Q", self.values[run_start:prev + 1])
+            self.file.pwrite(self.offset + 8 * run_start, be64_bytes(chunk))
+            if i is not None:
+                run_start = prev = i
+        self.dirty.clear()
