@@ -264,6 +264,9 @@ class RunningBackup(_Job):
         except HostClientError as exc:
             if not any(e.message == str(exc) for e in self.errors):
                 self.error("backup", "host", exc)
+        except Exception as exc:  # a bug: still write the manifest, say what broke
+            log.debug("unexpected error", exc_info=True)
+            self.error("backup", "host", f"internal error: {type(exc).__name__}: {exc}")
         # The copies stand on their own once verified: a failed commit or
         # thaw is reported by the exit code and ``recovery``, not by
         # throwing a good backup away.
@@ -495,6 +498,11 @@ class StoppedBackup(_Job):
             if self.manifest is None:
                 raise
             self.error("copy", "engine", exc)
+        except Exception as exc:  # a bug: still write the manifest, say what broke
+            if self.manifest is None:
+                raise
+            log.debug("unexpected error", exc_info=True)
+            self.error("copy", "host", f"internal error: {type(exc).__name__}: {exc}")
         self.finish(complete)
         code = EXIT_OK if complete else (EXIT_INTERRUPTED if self.interrupted else EXIT_FAILED)
         return BackupResult(self.manifest, self.directory, code)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import inspect
 import os
 import struct
 import time
@@ -38,20 +37,20 @@ def _api() -> Any:
     return api
 
 
-def _wrap(what: str, exc: Exception) -> EngineError:
-    return EngineError(f"{what}: {exc}".replace("\n", " "))
+def _wrap(what: str, exc: BaseException) -> EngineError:
+    from imagetools.errors import ImageError
+    if isinstance(exc, HostClientError):
+        raise exc
+    if isinstance(exc, (ImageError, OSError)):
+        return EngineError(f"{what}: {exc}".replace("\n", " "))
+    return EngineError(f"{what}: internal error in the image engine: "
+                       f"{type(exc).__name__}: {exc}".replace("\n", " "))
 
 
 def _image_errors() -> tuple[type[BaseException], ...]:
-    from imagetools.errors import ImageError
-    return (ImageError, OSError)
-
-
-def _accepts(func: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
+    """What an engine call may fail with. Anything but our own errors counts:
+    a bug in the engine must fail the backup cleanly, not crash it."""
+    return (Exception,)
 
 
 @dataclass(frozen=True)
@@ -95,14 +94,9 @@ def verify_copy(source: str, source_format: str, copy: Path) -> None:
     """The copy has the source's content (engine compare) and is a sound qcow2
     (engine check). VerifyError otherwise."""
     api = _api()
-    kwargs: dict[str, Any] = {}
-    # name the formats when the API lets us: probing a raw guest disk is unsafe
-    for a, b in (("fmt1", "fmt2"), ("fmt_a", "fmt_b"), ("src_fmt", "dst_fmt")):
-        if _accepts(api.compare, a) and _accepts(api.compare, b):
-            kwargs = {a: source_format, b: "qcow2"}
-            break
     try:
-        result = api.compare(source, str(copy), **kwargs)
+        # formats named, never probed: a raw guest disk may look like anything
+        result = api.compare(source, str(copy), fmt_a=source_format, fmt_b="qcow2")
     except _image_errors() as exc:
         raise _wrap(f"comparing {copy} with {source}", exc) from None
     if not _identical(result):
@@ -112,9 +106,9 @@ def verify_copy(source: str, source_format: str, copy: Path) -> None:
     check_image(copy)
 
 
-def check_image(path: Path) -> None:
+def check_image(path: Path, fmt: str = "qcow2") -> None:
     try:
-        result = _api().check(str(path))
+        result = _api().check(str(path), fmt=fmt)
     except _image_errors() as exc:
         raise _wrap(f"checking {path}", exc) from None
     problems = _check_problems(result)

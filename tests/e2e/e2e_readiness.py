@@ -38,13 +38,25 @@ def project_qga_serves() -> bool:
 
 
 def engine_ready() -> bool:
-    """Whether the project's engine can copy to qcow2."""
+    """Whether the project's engine can do what a backup needs: copy a small
+    raw image to qcow2, check the copy and compare it with the source."""
     try:
-        from imagetools import api  # noqa: F401
-        from imagetools.formats import drivers
+        from imagetools import api
     except ImportError:
         return False
-    return "qcow2" in drivers()
+    with tempfile.TemporaryDirectory(prefix="engine-probe-") as tmp:
+        src, dst = Path(tmp) / "src.raw", Path(tmp) / "dst.qcow2"
+        with open(src, "wb") as f:
+            f.truncate(2 << 20)
+            f.seek(65536)
+            f.write(b"probe" * 1000)
+        try:
+            api.convert([str(src)], str(dst), src_fmt="raw", out_fmt="qcow2")
+            report = api.check(str(dst), fmt="qcow2")
+            same = api.compare(str(src), str(dst), fmt_a="raw", fmt_b="qcow2")
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+    return bool(same.identical) and not report.get("corruptions") and not report.get("leaks")
 
 
 PROJECT_QGA_SERVES = project_qga_serves()

@@ -23,6 +23,7 @@ from hostclient.errors import EngineError, VerifyError
 class QemuImgEngine:
     qemu_img: str
     fail_copy: str | None = None            # error message for the next copy
+    crash_copy: bool = False                # the copy hits a bug (not an EngineError)
     during_copy: Callable[[str], None] | None = None   # called with the source mid-copy
     copy_steps: int = 4
     step_delay: float = 0.0
@@ -43,6 +44,8 @@ class QemuImgEngine:
                 time.sleep(self.step_delay)
             if self.fail_copy:
                 raise EngineError(self.fail_copy)
+            if self.crash_copy:
+                raise RuntimeError("simulated bug in the copy")
             cmd = [self.qemu_img, "convert", "-f", source_format, "-O", out_format]
             if compress:
                 cmd.append("-c")

@@ -249,6 +249,17 @@ def test_copy_failing_still_commits_back(vm, fake_agent, engine, tmp_path, qemu_
     assert_vm_clean(vm)
 
 
+def test_a_bug_in_the_copy_still_commits_back_and_writes_the_manifest(vm, fake_agent, engine,
+                                                                      tmp_path):
+    engine.crash_copy = True
+    result = run_backup(config(vm, fake_agent, tmp_path))
+    assert result.exit_code == 1
+    assert result.manifest.status == "failed"
+    assert "internal error: RuntimeError: simulated bug" in result.manifest.errors[0].message
+    assert read_manifest(result.directory).status == "failed"
+    assert_vm_clean(vm)
+
+
 @pytest.mark.root
 def test_commit_failing_leaves_the_vm_on_the_overlay_then_recover(paused_vm, fake_agent, engine,
                                                                   tmp_path, qemu_img):
