@@ -54,7 +54,8 @@ class StateDir:
         try:
             self._write_atomically(self.state_file, b"[global]\nfd_counter=1000\n")
         except OSError as exc:
-            log.critical("failed to write persistent state to %s: %s", self.state_file, exc)
+            log.critical("failed to write persistent state to %s: %s", self.state_file,
+                         exc.strerror or exc)
             log.critical("unable to create state file at path %s", self.state_file)
             return False
         return True

@@ -7,6 +7,8 @@ permanent connection.
 
 from __future__ import annotations
 
+import os
+
 from agent.transports.base import Channel, ChannelError, Connection
 
 
@@ -25,7 +27,8 @@ class IsaSerialChannel(Channel):
                                  xonxoff=False, rtscts=False, dsrdtr=False,
                                  timeout=0, write_timeout=0, exclusive=False)
         except (serial.SerialException, OSError, ValueError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
+            code = getattr(exc, "errno", None)
+            reason = os.strerror(code) if isinstance(code, int) and code else str(exc)
             raise ChannelError(f"error opening channel '{path}': {reason}") from None
         port.reset_input_buffer()
         return cls(port, path)
