@@ -132,7 +132,14 @@ class AgentClient:
         message: dict[str, Any] = {"execute": name}
         if wire_args:
             message["arguments"] = wire_args
+        self.send(message)
+        return self.reply()
+
+    def send(self, message: dict) -> None:
         self.sock.sendall(json.dumps(message).encode())
+
+    def reply(self) -> dict:
+        """The next response line."""
         while b"\n" not in self.pending:
             chunk = self.sock.recv(1 << 20)
             if not chunk:
@@ -141,17 +148,30 @@ class AgentClient:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line.lstrip(b"\xff"))
 
+    def request_maybe_silent(self, message: dict, marker: int) -> dict | None:
+        """The reply to ``message``, or None when it answers nothing on success
+        (guest-shutdown...): a guest-sync sent behind it then comes back first."""
+        self.send(message)
+        self.send({"execute": "guest-sync", "arguments": {"id": marker}})
+        first = self.reply()
+        if first == {"return": marker}:
+            return None
+        assert self.reply() == {"return": marker}
+        return first
+
     def close(self) -> None:
         self.sock.close()
 
 
-def start_agent(argv: list[str], workdir: Path, env: dict | None = None):
-    """Start an agent listening on ``workdir/agent.sock``: (process, client)."""
+def start_agent(argv: list[str], workdir: Path, env: dict | None = None,
+                blocked: tuple[str, ...] | list[str] = DANGEROUS):
+    """Start an agent listening on ``workdir/agent.sock``, the ``blocked``
+    commands disabled: (process, client)."""
     sock = workdir / "agent.sock"
     state = workdir / "state"
     state.mkdir(exist_ok=True)
     proc = subprocess.Popen([*argv, "-m", "unix-listen", "-p", str(sock), "-t", str(state),
-                             "-b", ",".join(DANGEROUS)],
+                             "-b", ",".join(blocked)],
                             cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -295,3 +315,24 @@ def guest_sysfs() -> dict[str, Any]:
                     f"{mem}/memory32/state": "offline\n", f"{mem}/memory32/removable": "1\n",
                     f"{mem}/memory33/state": "online-movable\n"})
     return fs.spec
+
+
+def probe(tree: Path, qemu_ga: str, workdir: Path, *args: str, net: bool = False,
+          env: dict[str, str] | None = None) -> dict:
+    """Both agents' answers about ``tree`` (a fake /sys, /run) from ns_probe.py,
+    run in a private mount (and with ``net``, network) namespace."""
+    import shutil
+    import sys
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is needed to give qemu-ga a fake /sys")
+    if net and shutil.which("ip") is None:
+        pytest.skip("ip (iproute2) is needed to set up test interfaces")
+    workdir.mkdir(exist_ok=True)
+    namespaces = ["-m", "--propagation", "private"] + (["-n"] if net else [])
+    extra = ["--net", os.readlink("/proc/self/ns/net")] if net else []
+    done = subprocess.run(
+        ["unshare", *namespaces, sys.executable, str(Path(__file__).parent / "ns_probe.py"),
+         os.readlink("/proc/self/ns/mnt"), str(tree), qemu_ga, str(workdir), *extra, *args],
+        capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return json.loads(done.stdout)
