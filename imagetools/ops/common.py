@@ -91,3 +91,18 @@ def open_error(filename: str, err: ImageError, exit_code: int = 1) -> Reported:
     from imagetools.errors import ImageOpenError
     text = str(err) if isinstance(err, ImageOpenError) else f"Could not open '{filename}': {err}"
     return Reported(text, exit_code=exit_code)
+
+
+def creation_error(filename: str, err: Exception) -> str:
+    """The message for a failed image creation.
+
+    A file that cannot be created is ``Could not create 'F': <reason>`` in
+    qemu-img, whatever way the failure reached us.
+    """
+    from imagetools.errors import ImageOpenError
+    if isinstance(err, OSError):
+        return f"Could not create '{filename}': {err.strerror or err}"
+    if isinstance(err, ImageOpenError):
+        reason = err.reason.rsplit(": ", 1)[-1]
+        return f"Could not create '{filename}': {reason}"
+    return str(err)

@@ -204,6 +204,8 @@ def _check_compress_options(out_fmt: str, opts) -> None:
 
 
 def _check_bitmaps(src) -> None:
+    if src.format_name != "qcow2":
+        raise Reported("Source lacks bitmap support")
     specific = src.format_specific() or {}
     if specific.get("data", {}).get("bitmaps"):
         from imagetools.errors import UnsupportedError
@@ -214,13 +216,12 @@ def _create_target(job: ConvertJob, opts) -> None:
     from imagetools.formats import driver
     given = opts.given_values()
     size = given.pop("size")
+    from imagetools.ops.common import creation_error
     try:
         driver(job.out_fmt).create(job.target, size, given)
-    except ImageError as err:
-        raise Reported(f"{job.target}: error while converting {job.out_fmt}: {err}") from None
-    except OSError as err:
-        raise Reported(f"{job.target}: error while converting {job.out_fmt}: Could not "
-                       f"create '{job.target}': {os.strerror(err.errno or 0)}") from None
+    except (ImageError, OSError) as err:
+        raise Reported(f"{job.target}: error while converting {job.out_fmt}: "
+                       f"{creation_error(job.target, err)}") from None
 
 
 def _open_target(job: ConvertJob):

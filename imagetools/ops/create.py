@@ -11,10 +11,9 @@ come after it); a backing file needs a backing format (``-F``) and, unless
 
 from __future__ import annotations
 
-import os
 import sys
 
-from imagetools.errors import ImageError
+from imagetools.errors import ImageError, ImageOpenError
 from imagetools.ops.args import Getopt, usage_error
 from imagetools.output import Reported
 
@@ -109,10 +108,16 @@ def create(filename: str, fmt: str, size: int | None, *, options: str | None = N
     size = given.pop("size", None)
     try:
         image.create_image(filename, fmt, size, given, unsafe=unsafe, on_formatting=formatting)
+    except ImageOpenError as err:
+        if err.filename != filename:
+            raise
+        from imagetools.ops.common import creation_error
+        raise Reported(creation_error(filename, err)) from None
     except ImageError as err:
         text = str(err)
         if "\nDetected format of " in text:
             raise Reported(text, newline=False) from None
         raise
     except OSError as err:
-        raise Reported(f"Could not create '{filename}': {os.strerror(err.errno or 0)}") from None
+        from imagetools.ops.common import creation_error
+        raise Reported(creation_error(filename, err)) from None

@@ -53,7 +53,7 @@ def parse_operands(operands: list[str]) -> dict:
     for operand in operands:
         name, eq, value = operand.partition("=")
         if not eq or name not in params:
-            raise Reported(f"unrecognized operand {operand}")
+            raise Reported(f"unrecognized operand {name}")
         if name == "bs":
             params["bs"] = cvtnum("bs", value, 1, INT_MAX)
         elif name == "count":
@@ -105,10 +105,12 @@ def _create_output(filename: str, out_fmt: str, size: int) -> None:
             raise Reported(f"Format driver '{out_fmt}' does not support image creation")
         raise Reported("Unknown file format")
     from imagetools.formats import driver
+    from imagetools.ops.common import creation_error
     try:
         driver(out_fmt).create(filename, size, {})
-    except ImageError as err:
-        raise Reported(f"{filename}: error while creating output image: {err}") from None
+    except (ImageError, OSError) as err:
+        raise Reported(f"{filename}: error while creating output image: "
+                       f"{creation_error(filename, err)}") from None
 
 
 def _copy(src, out, in_pos: int, size: int, bs: int) -> None:

@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
     if action in ("apply", "create", "delete"):
         raise Reported(f"snapshot -{action[0]} is not implemented yet")
     from imagetools.ops.common import open_image
-    drv = open_image(rest[0], None, read_only=True, force_share=force_share,
+    # qemu-img opens read-write unless listing (so a probed raw image warns)
+    drv = open_image(rest[0], None, read_only=action == "list", force_share=force_share,
                      image_opts=image_opts)
     try:
         if action == "list":

@@ -1,0 +1,139 @@
+"""The qimg entry point: dispatch, message prefix, errors, lazy imports.
+
+In-process tests of imagetools.cli; the byte-for-byte comparisons with the
+real qemu-img are in tests/imagetools/ops/test_qimg_*.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagetools import cli, output
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_no_arguments_is_a_usage_error(capsys) -> None:
+    rc, out, err = run_main(capsys)
+    assert (rc, out) == (1, "")
+    assert err == "qimg: Not enough arguments\nTry 'qimg --help' for more information\n"
+
+
+def test_unknown_command(capsys) -> None:
+    rc, out, err = run_main(capsys, "frobnicate")
+    assert rc == 1
+    assert err == "qimg: Command not found: frobnicate\nTry 'qimg --help' for more information\n"
+
+
+def test_unknown_global_option(capsys) -> None:
+    rc, _, err = run_main(capsys, "--bogus", "info")
+    assert rc == 1
+    assert err.startswith("qimg: unrecognized option '--bogus'\n")
+
+
+def test_version_names_the_qemu_img_it_follows(capsys) -> None:
+    rc, out, _ = run_main(capsys, "--version")
+    assert rc == 0
+    assert out.splitlines()[0] == f"qimg version {cli.__version__} (qemu-img 7.2.22 compatible)"
+
+
+def test_help_lists_every_command_and_the_formats(capsys) -> None:
+    rc, out, _ = run_main(capsys, "--help")
+    assert rc == 0
+    for command in cli.COMMANDS:
+        assert f"\n  {command} " in out
+    assert "Supported formats:" in out and " raw" in out
+
+
+def test_help_after_a_command(capsys) -> None:
+    rc, out, _ = run_main(capsys, "info", "-h")
+    assert rc == 0 and "usage: qimg" in out
+
+
+@pytest.mark.parametrize("command", ["commit", "rebase", "resize", "amend", "bitmap"])
+def test_issue5_commands_say_not_implemented(capsys, command: str) -> None:
+    rc, out, err = run_main(capsys, command, "x.qcow2")
+    assert (rc, out) == (1, "")
+    assert err == f"qimg: '{command}' is not implemented yet\n"
+
+
+def test_prefix_follows_the_program_name() -> None:
+    try:
+        assert output.set_prog("/usr/local/bin/qemu-img") == "qemu-img"
+        assert output.set_prog("/usr/bin/qimg") == "qimg"
+        assert output.set_prog("python -m imagetools") == "qimg"
+    finally:
+        output.set_prog("qimg")
+
+
+def test_engine_errors_print_one_line_and_their_exit_code(capsys, tmp_path) -> None:
+    missing = str(tmp_path / "nope.img")
+    rc, out, err = run_main(capsys, "info", missing)
+    assert (rc, out) == (1, "")
+    assert err == f"qimg: Could not open '{missing}': Could not open '{missing}': " \
+                  "No such file or directory\n"
+
+
+def test_internal_errors_are_one_line_not_a_traceback(capsys, monkeypatch) -> None:
+    from imagetools.ops import info
+
+    def boom(argv):
+        raise RuntimeError("kaput")
+    monkeypatch.setattr(info, "main", boom)
+    monkeypatch.delenv("QIMG_DEBUG", raising=False)
+    rc, _, err = run_main(capsys, "info", "x")
+    assert rc == 1
+    assert err == "qimg: internal error: RuntimeError: kaput (set QIMG_DEBUG=1 for a traceback)\n"
+
+
+def _modules_after(*argv: str) -> set[str]:
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['qimg', {', '.join(repr(a) for a in argv)}]\n"
+            "try:\n    runpy.run_module('imagetools', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(' '.join(m for m in sys.modules if m.startswith('imagetools')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    return set(proc.stdout.split())
+
+
+def test_commands_are_imported_lazily() -> None:
+    loaded = _modules_after("--version")
+    assert not any(m.startswith("imagetools.ops.") and m != "imagetools.ops.args"
+                   for m in loaded), loaded
+    assert "imagetools.formats" not in loaded
+
+
+def test_info_imports_no_other_command(tmp_path) -> None:
+    image = tmp_path / "x.raw"
+    image.write_bytes(bytes(4096))
+    loaded = _modules_after("info", str(image))
+    for other in ("convert", "copy", "compare", "check", "dd", "bench", "measure", "create"):
+        assert f"imagetools.ops.{other}" not in loaded, loaded
+
+
+def test_module_entry_point_uses_qimg_prefix() -> None:
+    proc = subprocess.run([sys.executable, "-m", "imagetools", "nosuch"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("qimg: Command not found: nosuch\n")
+
+
+def test_file_names_are_printed_back_byte_for_byte(tmp_path) -> None:
+    name = os.fsdecode(b"sp\xe9c-\xc3\xa9.raw")
+    (tmp_path / name).write_bytes(bytes(1024))
+    proc = subprocess.run([sys.executable, "-m", "imagetools", "info", name], cwd=tmp_path,
+                          capture_output=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == b"image: sp\xe9c-\xc3\xa9.raw"
