@@ -153,6 +153,9 @@ class CreateSpec:
                              "a larger cluster size)")
         self.l1_entries = l1_entries
         self.refcount_order = rb.bit_length() - 1
+        if self.data_file_raw and self.preallocation == "off":
+            # a raw data file is the image: every cluster is mapped 1:1 from the start
+            self.preallocation = "metadata"
 
 
 def build_header(spec: CreateSpec) -> hdr.Header:
@@ -207,8 +210,10 @@ def create(filename: str, size: int, options: dict[str, Any]) -> None:
         file.truncate(0)
         layout = Layout(h)
         meta_clusters = 3 + (-(-spec.l1_entries * 8 // cs) if spec.l1_entries else 0)
-        file.pwrite(0, head)
-        file.pwrite(cs, struct.pack(">Q", 2 * cs))
+        # whole clusters, as QEMU writes them (its metadata-preallocation
+        # heuristic compares allocated bytes with used clusters)
+        file.pwrite(0, head.ljust(cs, b"\0"))
+        file.pwrite(cs, struct.pack(">Q", 2 * cs).ljust(cs, b"\0"))
         file.pwrite(2 * cs, _refblock(layout, meta_clusters))
         if spec.l1_entries:
             file.pwrite(3 * cs, bytes(8 * spec.l1_entries))
@@ -271,6 +276,11 @@ def preallocate(drv, mode: str, *, has_backing: bool = False) -> None:
     cs = drv.cluster_size
     total = layout.clusters(drv.size)
     ranges = []
+    if mode in ("falloc", "full") and drv.data_file is None:
+        # QEMU first moves the refcount table behind the L1 table; the first
+        # L2 table then takes the table's old place and the data follows.
+        drv.refcounts.move_table()
+        drv.writeback()
     for l1i in range(layout.l1_entries_for(drv.size)):
         table = drv._l2_for_write(l1i)
         first_ci = l1i * layout.l2_entries

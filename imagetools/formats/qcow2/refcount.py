@@ -330,6 +330,20 @@ class Refcounts:
         self.table_dirty = set(range(len(self.table)))
         self._table_moved = True
 
+    def move_table(self) -> None:
+        """Put the refcount table at the first free place (QEMU does this before
+        falloc/full preallocation); the old clusters are freed after the switch."""
+        cs = self.layout.cluster_size
+        clusters = self.table_clusters
+        first = self.allocate(clusters)
+        self.old_tables.append((self.table_offset, clusters))
+        self.table_offset = first * cs
+        self.table_dirty = set(range(len(self.table)))
+        self._table_moved = True
+        if self.on_metadata is not None:
+            for k in range(clusters):
+                self.on_metadata((first + k) * cs, "refcount table")
+
     # -- writeback --------------------------------------------------------
 
     @property

@@ -458,7 +458,7 @@ class Qcow2Writer:
                         new_entry = QCOW_OFLAG_ZERO if self.header.version >= 3 else 0
                         new_bitmap = 0
                 else:
-                    new_entry, new_bitmap = 0, 0
+                    continue        # already reads as zeros: QEMU leaves it alone
                 if (new_entry, new_bitmap) == (entry, bitmap):
                     continue
                 self._set_entry(table, idx, new_entry, new_bitmap)
