@@ -27,6 +27,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -229,44 +230,59 @@ class Agent:
 
 
 class _Session:
-    """Serving one channel: the selector loop, clients, buffers."""
+    """Serving one channel: the poll loop, the client, the output queue."""
 
     def __init__(self, agent: Agent, channel) -> None:
         self.agent = agent
         self.channel = channel
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(agent._wake_r, selectors.EVENT_READ, "wake")
+        self.poller = select.poll()
+        self.roles: dict[int, str] = {}
+        self._watch(agent._wake_r, "wake", _IN)
         self.client: Connection | None = None
+        self.client_mask = 0
         self.out: list[memoryview] = []
         self.out_bytes = 0
-        self.paused = False  # device channel: host absent, polling
         self.host_absent = False
+        self.device: Connection | None = None
         self.poll_handle: int | None = None
         if channel.listening:
-            self.sel.register(channel.fileno(), selectors.EVENT_READ, "listen")
+            self._watch(channel.fileno(), "listen", _IN)
         else:
             self._attach(channel.connection())
+
+    def _watch(self, fd: int, role: str, mask: int) -> None:
+        self.roles[fd] = role
+        self.poller.register(fd, mask)
+
+    def _unwatch(self, fd: int) -> None:
+        self.roles.pop(fd, None)
+        try:
+            self.poller.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def close(self) -> None:
         if self.client is not None and self.channel.listening:
             self.client.close()
         self.agent.ctx.timers.cancel(self.poll_handle)
-        self.sel.close()
 
     def loop(self) -> int:
         agent = self.agent
         timers = agent.ctx.timers
+        roles = self.roles
         while not agent.stopping:
-            events = self.sel.select(timers.timeout(None))
-            for key, mask in events:
-                if key.data == "wake":
-                    agent._drain_wakeup()
-                elif key.data == "listen":
-                    self._accept()
-                elif key.data == "client":
+            timeout = timers.timeout(None)
+            events = self.poller.poll(None if timeout is None else timeout * 1000)
+            for fd, mask in events:
+                role = roles.get(fd)
+                if role == "client":
                     status = self._client_ready(mask)
                     if status is not None:
                         return status
+                elif role == "wake":
+                    agent._drain_wakeup()
+                elif role == "listen":
+                    self._accept()
             timers.run_due()
             self._update_interest()
         return 0
@@ -275,13 +291,14 @@ class _Session:
 
     def _attach(self, conn: Connection) -> None:
         self.client = conn
-        self.sel.register(conn.fd, selectors.EVENT_READ, "client")
+        self.client_mask = _IN
+        self._watch(conn.fd, "client", _IN)
 
     def _accept(self) -> None:
         conn = self.channel.accept()
         if conn is None:
             return
-        self.sel.unregister(self.channel.fileno())
+        self._unwatch(self.channel.fileno())
         self._attach(conn)
 
     def _client_gone(self) -> None:
@@ -289,34 +306,32 @@ class _Session:
         self.agent.protocol.reset()
         self.out.clear()
         self.out_bytes = 0
-        if self.agent.ctx.delimit_response:
-            self.agent.ctx.delimit_response = False
+        self.agent.ctx.delimit_response = False
         conn, self.client = self.client, None
         if conn is not None:
-            self.sel.unregister(conn.fd)
+            self._unwatch(conn.fd)
         if self.channel.listening:
             if conn is not None:
                 conn.close()
-            self.sel.register(self.channel.fileno(), selectors.EVENT_READ, "listen")
+            self._watch(self.channel.fileno(), "listen", _IN)
             return
         # a device: no host attached; look again shortly, without spinning
-        self.paused = True
         self.device = conn
         self.poll_handle = self.agent.ctx.timers.call_later(HOST_ABSENT_POLL, self._resume_device)
 
     def _resume_device(self) -> None:
         self.poll_handle = None
-        self.paused = False
-        self._attach(self.device)
+        if self.device is not None:
+            self._attach(self.device)
 
     def _client_ready(self, mask: int) -> int | None:
         conn = self.client
         if conn is None:
             return None
-        if mask & selectors.EVENT_WRITE:
+        if mask & select.POLLOUT:
             if not self._flush():
                 return self._write_failed()
-        if mask & selectors.EVENT_READ and self.client is conn and not self._backlogged():
+        if mask & _READABLE and self.client is conn and self.out_bytes <= OUTPUT_HIGH_WATER:
             try:
                 data = conn.read(READ_SIZE)
             except OSError as exc:
@@ -333,6 +348,8 @@ class _Session:
             self._process(data)
             if self.out and not self._flush():
                 return self._write_failed()
+        elif mask & (select.POLLERR | select.POLLNVAL):
+            self._client_gone()
         return None
 
     def _read_failed(self, exc: OSError) -> int | None:
@@ -353,7 +370,7 @@ class _Session:
     def _process(self, data: bytes) -> None:
         agent = self.agent
         for event in agent.protocol.feed(data):
-            if isinstance(event, ParseError) and self.out_bytes > ERROR_BACKLOG:
+            if self.out_bytes > ERROR_BACKLOG and isinstance(event, ParseError):
                 agent._dropped_errors += 1
                 if agent._dropped_errors in (1, 1000) or agent._dropped_errors % 100000 == 0:
                     log.warning("host is not reading: %d parse-error replies dropped so far",
@@ -366,14 +383,12 @@ class _Session:
             if self.client is None:
                 return
 
-    def _backlogged(self) -> bool:
-        return self.out_bytes > OUTPUT_HIGH_WATER
-
     def _flush(self) -> bool:
         """Write what the host takes now; False when the host is gone."""
         conn = self.client
-        while self.out and conn is not None:
-            chunk = self.out[0]
+        out = self.out
+        while out and conn is not None:
+            chunk = out[0]
             try:
                 written = conn.write(chunk)
             except OSError:
@@ -382,23 +397,25 @@ class _Session:
                 return True
             self.out_bytes -= written
             if written == len(chunk):
-                self.out.pop(0)
+                out.pop(0)
             else:
-                self.out[0] = chunk[written:]
+                out[0] = chunk[written:]
         return True
 
     def _update_interest(self) -> None:
         conn = self.client
         if conn is None:
             return
-        events = 0 if self._backlogged() else selectors.EVENT_READ
+        mask = _IN if self.out_bytes <= OUTPUT_HIGH_WATER else 0
         if self.out:
-            events |= selectors.EVENT_WRITE
-        try:
-            if self.sel.get_key(conn.fd).events != events:
-                self.sel.modify(conn.fd, events, "client")
-        except KeyError:
-            pass
+            mask |= select.POLLOUT
+        if mask != self.client_mask:
+            self.client_mask = mask
+            self.poller.modify(conn.fd, mask)
+
+
+_IN = select.POLLIN | select.POLLPRI
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 
 
 # ---------------------------------------------------------------- processes

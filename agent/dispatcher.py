@@ -155,13 +155,21 @@ class Dispatcher:
         args = request.get("arguments", {})
         self._checker(name).check(args)
         log.debug("processing command %s", name)
-        value = command.handler(self.ctx, **{k.replace("-", "_"): v for k, v in args.items()})
+        if args:
+            value = command.handler(self.ctx, **{k.replace("-", "_"): v for k, v in args.items()})
+        else:
+            value = command.handler(self.ctx)
         if not command.success_response:
             return _NO_RESPONSE
         return value
 
     @staticmethod
     def _check_request(request: dict[str, Any]) -> str:
+        name = request.get("execute")
+        if isinstance(name, str) and isinstance(request.get("arguments", _EMPTY), dict) \
+                and _REQUEST_KEYS.issuperset(request):
+            return name  # the usual, well-formed request
+        # otherwise the first problem in qemu-ga's (QDict) order is reported
         for key, value in qdict_items(request):
             if key == "execute":
                 if not isinstance(value, str):
@@ -185,3 +193,5 @@ class Dispatcher:
 
 
 _NO_RESPONSE = object()
+_EMPTY: dict[str, Any] = {}
+_REQUEST_KEYS = frozenset(("execute", "arguments", "id"))

@@ -12,6 +12,8 @@ framer, but Python's recursion limit is not something to lean on.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from agent.jsonstream import (COLON, COMMA, FLOAT, INTEGER, KEYWORD, LCURLY, LSQUARE,
@@ -91,9 +93,11 @@ def parse_string(text: bytes) -> str:
         pos = end
 
 
-def _integer(text: bytes) -> int | float:
+def _integer(text: bytes | str) -> int | float:
+    if len(text) > 21:
+        return float(text)  # beyond uint64 anyway (and beyond int()'s digit limit)
     value = int(text)
-    if INT64_MIN <= value <= INT64_MAX or (value >= 0 and value <= UINT64_MAX and text[:1] != b"-"):
+    if INT64_MIN <= value <= INT64_MAX or 0 <= value <= UINT64_MAX:
         return value
     return float(text)
 
@@ -189,3 +193,56 @@ def parse_tokens(tokens: list[Token]) -> Any:
             if sep != COMMA:
                 raise JSONParseError("expected separator in list")
             break
+
+
+# ---------------------------------------------------------------- fast path
+
+_FAST_WINDOW = 64 << 10
+#: printable ASCII and JSON whitespace, without ' and \: inside such bytes
+#: QEMU's dialect and standard JSON read the same way
+_FAST_REGION = re.compile(rb"[ \t\r\n]*\{[\t\n\r\x20-\x26\x28-\x5b\x5d-\x7e]*")
+_FAST_MAX_DEPTH = 64
+
+
+class _NotFast(Exception):
+    pass
+
+
+def _fast_pairs(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _NotFast  # duplicate key: the slow path words the error
+    return out
+
+
+def _fast_constant(_name: str) -> Any:
+    raise _NotFast  # NaN/Infinity are not JSON to QEMU
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_fast_pairs, parse_int=_integer,
+                            parse_constant=_fast_constant)
+
+
+def fast_parse(data: bytes, pos: int) -> tuple[Any, int] | None:
+    """(value, end) for a plain object request at ``data[pos:]``, or None.
+
+    Most requests are small objects of printable ASCII without quotes of
+    the single kind or backslashes; for those QEMU's reader and Python's C
+    JSON decoder agree exactly (same numbers, same keywords, duplicates
+    and errors sent to the exact path), so they are read in one C call.
+    Anything else -- escapes, non-ASCII, errors, requests cut by a read,
+    deep nesting, big requests -- returns None for the exact reader.
+    """
+    region = _FAST_REGION.match(data, pos, pos + _FAST_WINDOW)
+    if region is None:
+        return None
+    text = region.group().decode("ascii")
+    start = text.index("{")
+    try:
+        value, end = _DECODER.raw_decode(text, start)
+    except (ValueError, _NotFast, RecursionError):
+        return None
+    consumed = text[:end]
+    if consumed.count("{") + consumed.count("[") > _FAST_MAX_DEPTH:
+        return None
+    return value, pos + end

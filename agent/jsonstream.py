@@ -96,6 +96,11 @@ class MessageStream:
         self._size = 0
 
     @property
+    def at_start(self) -> bool:
+        """Between messages: the next byte begins a new token of a new message."""
+        return self._state == _START and not self._tokens
+
+    @property
     def idle(self) -> bool:
         """True when no partial token or message is pending."""
         return self._state in (_START, _RECOVERY) and not self._tokens

@@ -87,14 +87,54 @@ def scalar(value: Any) -> str:
 
 
 _END = object()
+_RECURSION_LIMIT = 100
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _compact(value: Any, depth: int) -> str:
+    """The recursive writer: fast for the usual shallow responses."""
+    kind = type(value)
+    if kind is str:
+        return string(value)
+    if kind is dict:
+        if not value:
+            return "{}"
+        if depth > _RECURSION_LIMIT:
+            raise _TooDeep
+        items = qdict_items(value) if len(value) > 1 else value.items()
+        return "{" + ", ".join([string(k) + ": " + _compact(v, depth + 1) for k, v in items]) + "}"
+    if kind is list or kind is tuple:
+        if not value:
+            return "[]"
+        if depth > _RECURSION_LIMIT:
+            raise _TooDeep
+        return "[" + ", ".join([_compact(v, depth + 1) for v in value]) + "]"
+    if kind is int:
+        return str(value)
+    if value is None or value is True or value is False:
+        return scalar(value)
+    if isinstance(value, (dict, list, tuple)):
+        return _nested(value)
+    return scalar(value)
 
 
 def to_json(value: Any) -> str:
     """``value`` as qemu-ga's compact JSON text (ASCII only).
 
-    Iterative, so a deeply nested value (an echoed ``id`` may nest 1024
-    levels) does not meet Python's recursion limit.
+    Shallow values (every response a command builds) take a recursive
+    writer; deeper ones -- an echoed ``id`` may nest 1024 levels -- an
+    iterative one, so Python's recursion limit is never met.
     """
+    try:
+        return _compact(value, 0)
+    except _TooDeep:
+        return _nested(value)
+
+
+def _nested(value: Any) -> str:
     out: list[str] = []
     # frames: [iterator, closer, is_object, first]
     stack: list[list[Any]] = []

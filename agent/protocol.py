@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.jsonparse import JSONParseError, parse_tokens
+from agent.jsonparse import JSONParseError, fast_parse, parse_tokens
 from agent.jsonstream import Message, MessageStream
 from agent.jsonwrite import encode_line
 
@@ -47,6 +47,19 @@ class Protocol:
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
+        pos = 0
+        # plain requests between messages take the fast path; the rest (and
+        # anything after the first request it cannot take) the exact reader
+        while pos < len(data) and self._stream.at_start:
+            fast = fast_parse(data, pos)
+            if fast is None:
+                break
+            events.append(Request(fast[0]))
+            pos = fast[1]
+        if pos:
+            data = data[pos:]
+            if not data:
+                return events
         for item in self._stream.feed(data):
             if isinstance(item, Message):
                 try:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jsonschema import Draft202012Validator, validators
-from jsonschema.exceptions import ValidationError
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from agent.errors import AgentError
 from agent.ghash import first_unconsumed
@@ -39,9 +39,25 @@ def _is_number(_checker: Any, instance: Any) -> bool:
     return isinstance(instance, (int, float)) and not isinstance(instance, bool)
 
 
-_TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
-    {"integer": _is_integer, "number": _is_number})
-QAPIValidator = validators.extend(Draft202012Validator, type_checker=_TYPE_CHECKER)
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
+
+
+@lru_cache(maxsize=1)
+def validator_class():
+    """jsonschema's draft 2020-12 validator with QEMU's idea of an integer.
+
+    Imported on first use: valid requests never need it (see
+    :func:`compile_predicate`), and the agent answers sooner after start.
+    """
+    from jsonschema import Draft202012Validator, validators
+    checker = Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "number": _is_number})
+    return validators.extend(Draft202012Validator, type_checker=checker)
+
+
+def QAPIValidator(schema: dict[str, Any]):
+    return validator_class()(schema)
 
 _EXPECTED = {"int": "integer", "int64": "integer", "str": "string", "bool": "boolean",
              "number": "number", "null": "null"}
@@ -108,17 +124,94 @@ def _qtype_branch(schema: dict[str, Any], instance: Any) -> dict[str, Any] | Non
     return None
 
 
+def compile_predicate(schema: dict[str, Any]):
+    """A fast ``instance -> bool`` equal to jsonschema's verdict for ``schema``.
+
+    Valid arguments -- nearly every request -- are accepted without going
+    through jsonschema's machinery (tens of microseconds per request);
+    anything this predicate rejects is handed to jsonschema, which finds
+    and words the error.  It covers the keywords the generated schemas use
+    and refuses (returns None) for anything else, and a test checks it
+    against jsonschema on generated arguments for every command.
+    """
+    known = {"type", "properties", "required", "additionalProperties", "items", "enum",
+             "anyOf", "minimum", "maximum", "x-qapi-type", "x-qapi-kind"}
+    if set(schema) - known:
+        return None
+    checks = []
+    kind = schema.get("type")
+    if kind is not None:
+        test = _TYPE_TESTS.get(kind)
+        if test is None:
+            return None
+        checks.append(test)
+    if "minimum" in schema or "maximum" in schema:
+        low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+        checks.append(lambda v: not _is_number(None, v) or low <= v <= high)
+    if "enum" in schema:
+        values = schema["enum"]
+        checks.append(lambda v: any(v == e and type(v) is type(e) for e in values))
+    if "anyOf" in schema:
+        branches = [compile_predicate(b) for b in schema["anyOf"]]
+        if any(b is None for b in branches):
+            return None
+        checks.append(lambda v: any(b(v) for b in branches))
+    if "items" in schema:
+        item = compile_predicate(schema["items"])
+        if item is None:
+            return None
+        checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
+    if "properties" in schema or "required" in schema or "additionalProperties" in schema:
+        if schema.get("additionalProperties", False) is not False:
+            return None
+        members = {}
+        for name, sub in schema.get("properties", {}).items():
+            members[name] = compile_predicate(sub)
+            if members[name] is None:
+                return None
+        required = tuple(schema.get("required", ()))
+
+        def object_ok(v: Any) -> bool:
+            if not isinstance(v, dict):
+                return True
+            for name in required:
+                if name not in v:
+                    return False
+            for name, value in v.items():
+                test = members.get(name)
+                if test is None or not test(value):
+                    return False
+            return True
+        checks.append(object_ok)
+    if len(checks) == 1:
+        return checks[0]
+    return lambda v: all(check(v) for check in checks)
+
+
+_TYPE_TESTS = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
 class ArgumentChecker:
     """Validates one command's arguments; raises AgentError as qemu-ga words it."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self.schema = schema
-        self._validator = QAPIValidator(schema)
-        self._trivial = not schema.get("properties") and not schema.get("required")
+        self._validator = None
+        self._fast = compile_predicate(schema)
 
     def check(self, args: dict[str, Any]) -> None:
-        if self._trivial and not args:
+        if self._fast is not None and self._fast(args):
             return
+        if self._validator is None:
+            self._validator = QAPIValidator(self.schema)
         best: tuple[tuple, str] | None = None
         for error in self._validator.iter_errors(args):
             candidate = self._describe(error, self.schema, [])
@@ -127,7 +220,7 @@ class ArgumentChecker:
         if best is not None:
             raise AgentError(best[1])
 
-    def _describe(self, error: ValidationError, root: dict[str, Any],
+    def _describe(self, error: "ValidationError", root: dict[str, Any],
                   prefix: list[str | int]) -> tuple[tuple, str]:
         path = prefix + list(error.absolute_path)
         node = error.schema

@@ -164,3 +164,37 @@ def test_parse_error_event():
         b'{"error": {"class": "GenericError", "desc": "JSON parse error, x"}}\n'
     assert dispatcher.handle(Request([])) == \
         b'{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}\n'
+
+
+# ---------------------------------------------------------------- fast predicate
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from agent import schemas  # noqa: E402
+from agent.validation import QAPIValidator, compile_predicate  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**65), max_value=2**65),
+                  st.floats(allow_nan=False), st.sampled_from(["set", "cur", "end", "x", ""]))
+_json = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["id", "path", "mode", "handle", "count", "offset", "whence",
+                                     "vcpus", "logical-id", "online", "can-offline", "mem-blks",
+                                     "phys-index", "arg", "env", "keys", "username", "x"]),
+                    inner, max_size=4)), max_leaves=10)
+
+
+@pytest.mark.parametrize("name", schemas.command_order())
+def test_fast_predicate_agrees_with_jsonschema(name):
+    schema = schemas.commands()[name]["arguments"]
+    predicate = compile_predicate(schema)
+    assert predicate is not None, "every generated schema must have a fast predicate"
+    validator = QAPIValidator(schema)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(args=st.dictionaries(st.sampled_from(list(schema.get("properties", {})) + ["zz"]),
+                                _json, max_size=4))
+    def check(args):
+        assert predicate(args) == validator.is_valid(args)
+
+    check()

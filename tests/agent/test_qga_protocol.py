@@ -148,3 +148,58 @@ def test_encode_matches_qemu_ga_bytes():
     assert Protocol.encode({"return": "a\tb\nc\x01d\"e\\f/g\u00e9h\U0001F600"}) == \
         b'{"return": "a\\tb\\nc\\u0001d\\"e\\\\f/g\\u00E9h\\uD83D\\uDE00"}\n'
     assert Protocol.encode({"return": 0.1}) == b'{"return": 0.10000000000000001}\n'
+
+
+# ---------------------------------------------------------------- fast path
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from agent.jsonparse import fast_parse, parse_tokens  # noqa: E402
+from agent.jsonstream import Message, MessageStream  # noqa: E402
+
+_ascii = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8)
+_numbers = st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
+                     st.floats(allow_nan=False, allow_infinity=False))
+_values = st.recursive(st.one_of(st.none(), st.booleans(), _numbers, _ascii),
+                       lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                               st.dictionaries(_ascii, inner, max_size=4)),
+                       max_leaves=12)
+
+
+def _exact(data: bytes):
+    items = MessageStream().feed(data)
+    assert len(items) == 1 and isinstance(items[0], Message)
+    return parse_tokens(items[0].tokens)
+
+
+def _same(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=st.dictionaries(_ascii, _values, max_size=5), compact=st.booleans())
+def test_fast_path_reads_exactly_what_the_exact_reader_reads(value, compact):
+    import json
+    text = json.dumps(value, separators=(",", ":") if compact else (", ", ": "))
+    data = text.encode()
+    exact = _exact(data)
+    fast = fast_parse(data, 0)
+    if fast is not None:
+        assert fast[1] == len(data)
+        assert _same(fast[0], exact)
+
+
+@pytest.mark.parametrize("data", [
+    b'{"a": 1, "a": 2}', b'{"a": NaN}', b'{"a": Infinity}', b'{"a": 01}', b'{"a": "\\u00e9"}',
+    b"{'a': 1}", b'{"a": "\xc3\xa9"}', b'{"a": 1', b'{"a": [' + b"[" * 70 + b"]" * 70 + b"]}",
+    b'{"a": "tab\there"}', b'{"a": tru}',
+])
+def test_fast_path_declines_what_it_cannot_read_exactly(data):
+    assert fast_parse(data, 0) is None
