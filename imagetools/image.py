@@ -20,7 +20,9 @@ open_backing=True, backing_fmt=None) -> Driver``
       :class:`~imagetools.errors.ImageOpenError`, worded as qemu-img words
       it: ``Could not open 'top': Could not open backing file: <reason>``.
 
-    ``open_backing=False`` is what ``qemu-img info`` does (no chain).
+    ``open_backing=False`` is what ``qemu-img info`` does (no chain);
+    ``cache`` is qemu-img's -t mode (only "unsafe" changes anything: no
+    fdatasync at all, as qemu-img convert's default).
 
 ``create_image(filename, fmt, size, options, *, unsafe=False, on_formatting=None)``
     Creates an image as ``qemu-img create`` does (checks, messages and their
@@ -148,10 +150,15 @@ def _open_one(filename: str, fmt: str | None, *, read_only: bool,
 
 def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
                force_share: bool = False, open_backing: bool = True,
-               backing_fmt: str | None = None) -> Driver:
-    """Open ``filename`` and (unless ``open_backing`` is false) its backing chain."""
+               backing_fmt: str | None = None, cache: str | None = None) -> Driver:
+    """Open ``filename`` and (unless ``open_backing`` is false) its backing chain.
+
+    ``cache`` is qemu-img's -t mode for this image ("unsafe" skips fdatasync).
+    """
     top = _open_one(filename, fmt, read_only=read_only, force_share=force_share)
     try:
+        if cache is not None:
+            top.set_cache_mode(cache)
         if top.format_probed and top.format_name == "raw" and not read_only:
             warn(PROBED_RAW_WARNING.format(filename))
         if open_backing:

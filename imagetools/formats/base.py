@@ -22,7 +22,9 @@ What a driver class offers (class level):
 What an open driver offers (the instance), beyond data and status:
 
 ``size`` ``read`` ``read_into`` ``write`` ``write_zeroes`` ``discard``
-``block_status`` ``flush`` ``close`` -- the data path (below).
+``block_status`` ``flush`` ``close`` -- the data path (below);
+``write_from_fd`` / ``read_to_fd`` -- the same with a file descriptor on
+the other side, so convert can move data with copy_file_range.
 ``allocated_size()``  host bytes in use ("disk size"); ``cluster_size``;
 ``backing_filename`` / ``backing_format`` as recorded; ``backing`` the
 opened backing driver (set by ``open_image``); ``format_specific()``;
@@ -283,6 +285,41 @@ class Driver:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise NotImplementedError
 
+    def write_from_fd(self, offset: int, length: int, src_fd: int, src_offset: int) -> None:
+        """Write guest ``[offset, offset+length)`` with bytes read from ``src_fd``.
+
+        Drivers move the data inside the kernel (copy_file_range) where the
+        format allows; this default reads through a buffer. Bytes past the
+        end of the source file are zeros.
+        """
+        import os
+        chunk = 4 << 20
+        pos = 0
+        while pos < length:
+            n = min(chunk, length - pos)
+            data = os.pread(src_fd, n, src_offset + pos)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            self.write(offset + pos, data)
+            pos += n
+
+    def read_to_fd(self, offset: int, length: int, dst_fd: int, dst_offset: int) -> None:
+        """Write guest bytes ``[offset, offset+length)`` to ``dst_fd`` at ``dst_offset``.
+
+        Data stored contiguously moves with copy_file_range; everything else
+        (zeros included) is written as read. Convert uses it for data extents.
+        """
+        import os
+        chunk = 4 << 20
+        pos = 0
+        while pos < length:
+            n = min(chunk, length - pos)
+            view = memoryview(self.read(offset + pos, n))
+            done = 0
+            while done < n:
+                done += os.pwrite(dst_fd, view[done:], dst_offset + pos + done)
+            pos += n
+
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeros; with ``unmap`` the space may be freed."""
         raise NotImplementedError
@@ -391,6 +428,29 @@ class Driver:
             node = node.backing
 
     # -- lifetime ------------------------------------------------------
+
+    #: qemu-img's -t/-T cache modes; "unsafe" drops every fdatasync
+    CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+
+    def host_files(self) -> list:
+        """The HostFile objects this image (not its backing files) keeps open."""
+        files = [f for f in (getattr(self, "file", None), getattr(self, "data_file", None))
+                 if f is not None]
+        return files
+
+    def set_cache_mode(self, mode: str) -> None:
+        """Apply a qemu-img cache mode (-t / -T) to this image's files.
+
+        Only the flushing behaviour matters here: with "unsafe" nothing is
+        ever fdatasync'ed (write order is still kept, so a killed process
+        leaves a consistent image; a power loss may not). The other modes
+        flush where QEMU's writeback mode does (metadata ordering, close).
+        """
+        if mode not in self.CACHE_MODES:
+            from imagetools.errors import UsageError
+            raise UsageError(f"Invalid cache option: {mode}")
+        for f in self.host_files():
+            f.no_flush = mode == "unsafe"
 
     def flush(self) -> None:
         pass

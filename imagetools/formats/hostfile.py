@@ -50,6 +50,50 @@ def io_error(what: str, err: OSError) -> ImageIOError:
     return ImageIOError(f"{what}: {err.strerror or err}", err.errno)
 
 
+_copy_file_range_ok = hasattr(os, "copy_file_range")
+_NO_CFR = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
+           errno.ETXTBSY, errno.EPERM)
+
+
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int,
+               length: int) -> None:
+    """Copy bytes between two file descriptors without passing them through Python.
+
+    Uses copy_file_range(2); falls back to pread/pwrite when the kernel
+    refuses (different filesystems, special files). Bytes past the end of
+    the source are written as zeros, as a read past EOF would give.
+    """
+    global _copy_file_range_ok
+    done = 0
+    try:
+        while done < length and _copy_file_range_ok:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, length - done,
+                                       src_offset + done, dst_offset + done)
+            except OSError as err:
+                if err.errno in _NO_CFR:
+                    if err.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
+                        _copy_file_range_ok = False
+                    break
+                raise
+            if n == 0:
+                break
+            done += n
+        chunk = 4 << 20
+        while done < length:
+            n = min(chunk, length - done)
+            data = os.pread(src_fd, n, src_offset + done)
+            if len(data) < n:
+                data += bytes(n - len(data))
+            view = memoryview(data)
+            written = 0
+            while written < n:
+                written += os.pwrite(dst_fd, view[written:], dst_offset + done + written)
+            done += n
+    except OSError as err:
+        raise ImageIOError(f"Could not copy data: {err.strerror or err}", err.errno) from None
+
+
 class HostFile:
     """An open host file or block device."""
 
@@ -62,6 +106,8 @@ class HostFile:
         self.dev_ino = (st.st_dev, st.st_ino)
         self._can_zero_range = True
         self._can_punch = True
+        #: cache=unsafe: never fdatasync (ordering of writes is kept)
+        self.no_flush = False
 
     @classmethod
     def open(cls, filename: str, *, read_only: bool = True, create: bool = False,
@@ -206,6 +252,20 @@ class HostFile:
         if n < total:
             self.pwrite(offset + n, b"".join(bytes(b) for b in buffers)[n:])
 
+    # -- kernel-side copies ----------------------------------------------
+
+    def copy_in(self, src_fd: int, src_offset: int, offset: int, length: int) -> None:
+        """Copy ``length`` bytes from ``src_fd`` into this file, in the kernel.
+
+        os.copy_file_range where the kernel can (same filesystem type), else
+        a bounce buffer; past the end of the source reads as zeros.
+        """
+        copy_range(src_fd, src_offset, self.fd, offset, length)
+
+    def copy_out(self, offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+        """Copy ``length`` bytes of this file to ``dst_fd``, in the kernel."""
+        copy_range(self.fd, offset, dst_fd, dst_offset, length)
+
     # -- zeroes, holes, size ---------------------------------------------
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
@@ -282,7 +342,7 @@ class HostFile:
             raise io_error(f"Could not preallocate data for '{self.filename}'", err) from None
 
     def flush(self) -> None:
-        if self.read_only:
+        if self.read_only or self.no_flush:
             return
         try:
             os.fdatasync(self.fd)

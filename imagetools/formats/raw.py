@@ -111,6 +111,24 @@ class RawDriver(Driver):
             self._check_probed_write(offset, view)
         self.file.pwrite(offset, view)
 
+    def write_from_fd(self, offset: int, length: int, src_fd: int, src_offset: int) -> None:
+        self._writable()
+        self._check_range(offset, length)
+        if self.format_probed and offset < SECTOR and length:
+            import os
+            self._check_probed_write(offset, memoryview(os.pread(src_fd, SECTOR, src_offset)))
+        self.file.copy_in(src_fd, src_offset, offset, length)
+
+    def read_to_fd(self, offset: int, length: int, dst_fd: int, dst_offset: int) -> None:
+        self._check_range(offset, length)
+        file_len = self.file.length()
+        inside = max(0, min(length, file_len - offset))
+        if inside:
+            self.file.copy_out(offset, dst_fd, dst_offset, inside)
+        if inside < length:
+            from imagetools.formats.hostfile import copy_range
+            copy_range(self.file.fd, file_len, dst_fd, dst_offset + inside, length - inside)
+
     def _check_probed_write(self, offset: int, view: memoryview) -> None:
         """Refuse a first-sector write that would make the file probe as non-raw."""
         first = bytearray(self.file.pread_full(0, SECTOR))

@@ -377,6 +377,30 @@ class Qcow2Driver(Qcow2Writer, Driver):
             else:
                 part[:] = bytes(run.length)
 
+    def read_to_fd(self, offset: int, length: int, dst_fd: int, dst_offset: int) -> None:
+        """Guest bytes to ``dst_fd``; data clusters move with copy_file_range."""
+        self._check_range(offset, length)
+        if not length:
+            return
+        self._check_crypto()
+        data = self.data_file or self.file
+        for run in self.runs(offset, length):
+            at = dst_offset + (run.start - offset)
+            if run.type == NORMAL:
+                data.copy_out(run.host, dst_fd, at, run.length)
+            elif run.type in _UNALLOCATED and self.backing is not None:
+                inside = max(0, min(run.length, self.backing.size - run.start))
+                if inside:
+                    self.backing.read_to_fd(run.start, inside, dst_fd, at)
+                if inside < run.length:
+                    _write_zeros_fd(dst_fd, at + inside, run.length - inside)
+            elif run.type == COMPRESSED:
+                buf = bytearray(run.length)
+                self.read_into(run.start, buf)
+                _pwrite_all(dst_fd, buf, at)
+            else:
+                _write_zeros_fd(dst_fd, at, run.length)
+
     def _read_backing(self, start: int, part: memoryview) -> None:
         n = len(part)
         backing = self.backing
@@ -590,6 +614,25 @@ class Qcow2Driver(Qcow2Writer, Driver):
                 self.data_file.close()
             if self.backing is not None:
                 self.backing.close()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    try:
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+    except OSError as err:
+        raise ImageIOError(f"Could not write: {err.strerror}", err.errno) from None
+
+
+def _write_zeros_fd(fd: int, offset: int, length: int) -> None:
+    zeros = bytes(min(length, 1 << 20))
+    pos = 0
+    while pos < length:
+        n = min(len(zeros), length - pos)
+        _pwrite_all(fd, memoryview(zeros)[:n], offset + pos)
+        pos += n
 
 
 def _data_file_path(image: str, name: str) -> str:

@@ -34,6 +34,43 @@ from imagetools.formats.qcow2.layout import (
 _IOV_MAX = 1024
 
 
+class FdSlice:
+    """``length`` bytes of file descriptor ``fd`` at ``offset`` (copied in the kernel)."""
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _ViewSource:
+    """Guest bytes ``[base, base+len(view))`` from a buffer."""
+
+    def __init__(self, view: memoryview, base: int) -> None:
+        self.view = view
+        self.base = base
+
+    def part(self, start: int, end: int):
+        return self.view[start - self.base:end - self.base]
+
+
+class _FdSource:
+    """Guest bytes from a file descriptor (guest ``base`` is at ``fd_offset``)."""
+
+    def __init__(self, fd: int, fd_offset: int, base: int) -> None:
+        self.fd = fd
+        self.fd_offset = fd_offset
+        self.base = base
+
+    def part(self, start: int, end: int) -> FdSlice:
+        return FdSlice(self.fd, self.fd_offset + start - self.base, end - start)
+
+
 class Qcow2Writer:
     """Mixin of :class:`Qcow2Driver` holding everything that changes an image."""
 
@@ -144,13 +181,23 @@ class Qcow2Writer:
         self._check_range(offset, len(view))
         if not len(view):
             return
+        self._write_source(offset, len(view), _ViewSource(view, offset))
+
+    def write_from_fd(self, offset: int, length: int, src_fd: int, src_offset: int) -> None:
+        """Write guest bytes taken from ``src_fd``; data moves with copy_file_range."""
+        self._writable()
+        self._check_range(offset, length)
+        if length:
+            self._write_source(offset, length, _FdSource(src_fd, src_offset, offset))
+
+    def _write_source(self, offset: int, length: int, source) -> None:
         self._compressed_cache = None
         cov = self.layout.l2_coverage
-        pos, end = offset, offset + len(view)
+        pos, end = offset, offset + length
         while pos < end:
             l1i = pos // cov
             stop = min(end, (l1i + 1) * cov)
-            self._write_slice(l1i, pos, view[pos - offset:stop - offset])
+            self._write_slice(l1i, pos, stop, source)
             pos = stop
         self._maybe_writeback()
 
@@ -174,12 +221,11 @@ class Qcow2Writer:
         host = entry & L2E_OFFSET_MASK
         return host or None
 
-    def _write_slice(self, l1i: int, pos: int, view: memoryview) -> None:
+    def _write_slice(self, l1i: int, pos: int, end: int, source) -> None:
         layout = self.layout
         cs = self._cluster_size
         cbits = self.cluster_bits
         mask = layout.l2_entries - 1
-        end = pos + len(view)
         table = self._l2_for_write(l1i)
         values = table.values
         ext = layout.extended_l2
@@ -204,7 +250,7 @@ class Qcow2Writer:
             old_alloc = self._old_alloc_mask(entry, bitmap, type_)
             new_entry, new_bitmap = self._plan_cluster(
                 cstart, ws, we, host, reused, old_alloc, bitmap, type_,
-                view[cstart + ws - pos:cstart + we - pos], segments)
+                source.part(cstart + ws, cstart + we), segments)
             if reused and type_ == NORMAL and not ext:
                 pass                      # entry unchanged
             else:
@@ -228,7 +274,7 @@ class Qcow2Writer:
             i = j + 1
 
     def _plan_cluster(self, cstart: int, ws: int, we: int, host: int, reused: bool,
-                      old_alloc: int, bitmap: int, type_: int, data: memoryview,
+                      old_alloc: int, bitmap: int, type_: int, data,
                       segments: list) -> tuple[int, int]:
         """Add the writes for one cluster to ``segments``; return its new L2 entry."""
         layout = self.layout
@@ -279,24 +325,48 @@ class Qcow2Writer:
         return data
 
     def _write_segments(self, segments: list[tuple[int, object]]) -> None:
-        """Write (host offset, buffer) pieces, merging host-contiguous ones."""
+        """Write (host offset, buffer or FdSlice) pieces, merging contiguous ones."""
         out = self.data_file or self.file
         batch: list = []
         batch_start = batch_end = -1
+        copy: FdSlice | None = None
+        copy_host = 0
+
+        def flush_batch() -> None:
+            if batch:
+                out.pwritev(batch_start, batch)
+                batch.clear()
+
+        def flush_copy() -> None:
+            nonlocal copy
+            if copy is not None:
+                out.copy_in(copy.fd, copy.offset, copy_host, copy.length)
+                copy = None
+
         for host, buf in segments:
             n = len(buf)
             if not n:
                 continue
+            if isinstance(buf, FdSlice):
+                flush_batch()
+                if copy is not None and copy.fd == buf.fd and \
+                        copy_host + copy.length == host and copy.offset + copy.length == buf.offset:
+                    copy.length += n
+                    continue
+                flush_copy()
+                copy = FdSlice(buf.fd, buf.offset, n)
+                copy_host = host
+                continue
+            flush_copy()
             if batch and host == batch_end and len(batch) < _IOV_MAX:
                 batch.append(buf)
                 batch_end += n
                 continue
-            if batch:
-                out.pwritev(batch_start, batch)
-            batch = [buf]
+            flush_batch()
+            batch.append(buf)
             batch_start, batch_end = host, host + n
-        if batch:
-            out.pwritev(batch_start, batch)
+        flush_batch()
+        flush_copy()
 
     def _maybe_writeback(self) -> None:
         if self.l2_cache.dirty_count * 2 > self.l2_cache.max_tables or \

@@ -103,7 +103,8 @@ class VmdkDriver(MappedDriver):
             self.cid = desc_mod.read_cid(text, parent=False)
             self.parent_cid = desc_mod.read_cid(text, parent=True)
         except DescriptorError as err:
-            raise VmdkOpenError(str(err)) from None
+            # QEMU fails these without a message: the generic errno text
+            raise VmdkOpenError(f"Could not open '{file.filename}': {err}") from None
 
     def _open_sparse_file(self, head: bytes) -> None:
         file = self.file
