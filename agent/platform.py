@@ -14,13 +14,13 @@ import ctypes
 import fcntl
 import os
 import pwd
+import random
 import re
 import signal
 import socket
 import stat as stat_module
 import struct
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -273,26 +273,36 @@ class Platform:
         return os.path.isdir(self.path(path))
 
     def replace_file(self, path: str, data: bytes) -> None:
-        """Write ``path`` atomically: a temporary file beside it, fsync, rename."""
+        """Write ``path`` atomically, as g_file_set_contents does: a temporary
+        ``PATH.XXXXXX`` beside it, written, fsynced and renamed over it.
+        Raises ReplaceError, which tells the failing step and temporary name."""
         real = self.path(path)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(real) + ".",
-                                   dir=os.path.dirname(real))
+        tmp = guest_tmp = None
+        for _ in range(100):
+            suffix = "".join(random.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=6))
+            guest_tmp, tmp = f"{path}.{suffix}", f"{real}.{suffix}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                break
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise ReplaceError(err.errno, "create", guest_tmp) from None
         try:
-            os.fchmod(fd, 0o666 & ~_current_umask())
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except BaseException:
+        except OSError as err:
             os.close(fd)
             os.unlink(tmp)
-            raise
+            raise ReplaceError(err.errno, "write", guest_tmp) from None
         os.close(fd)
         try:
             os.rename(tmp, real)
-        except BaseException:
+        except OSError as err:
             os.unlink(tmp)
-            raise
+            raise ReplaceError(err.errno, "rename", guest_tmp) from None
 
     def run_helper(self, argv: Sequence[str], *, input: bytes | None = None,
                    setsid: bool = True) -> int:
@@ -484,10 +494,14 @@ def _sockaddr_parts(ptr) -> tuple[int | None, bytes | None]:
     return family, None
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+class ReplaceError(OSError):
+    """A failed :meth:`Platform.replace_file`: ``step`` is "create", "write" or
+    "rename", ``tmp`` the temporary file's (guest) path."""
+
+    def __init__(self, errno_: int, step: str, tmp: str) -> None:
+        super().__init__(errno_, os.strerror(errno_))
+        self.step = step
+        self.tmp = tmp
 
 
 class _PairEnvironment(dict):

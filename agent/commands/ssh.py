@@ -16,6 +16,7 @@ import stat
 
 from agent.commands.glibcompat import file_get_contents_error, strerror
 from agent.errors import AgentError
+from agent.platform import ReplaceError
 from agent.registry import command
 
 
@@ -60,9 +61,9 @@ def _write_lines(platform, path: str, lines: list[str], entry) -> None:
     data = "\n".join(lines).encode("utf-8", "surrogateescape")
     try:
         platform.replace_file(path, data)
-    except OSError as err:
-        raise AgentError(f"failed to write to '{path}': "
-                         f"Failed to create file \u201c{path}\u201d: {strerror(err)}") from None
+    except ReplaceError as err:
+        raise AgentError(f"failed to write to '{path}': {_glib_set_contents_error(path, err)}") \
+            from None
     try:
         platform.chown(path, entry.uid, entry.gid)
     except OSError as err:
@@ -71,6 +72,17 @@ def _write_lines(platform, path: str, lines: list[str], entry) -> None:
         platform.chmod(path, 0o600)
     except OSError as err:
         raise AgentError(f"failed to set permissions of '{path}': {strerror(err)}") from None
+
+
+def _glib_set_contents_error(path: str, err: ReplaceError) -> str:
+    """GLib's g_file_set_contents wording for the step that failed."""
+    reason = strerror(err)
+    if err.step == "create":
+        return f"Failed to create file \u201c{err.tmp}\u201d: {reason}"
+    if err.step == "write":
+        return f"Failed to write file \u201c{err.tmp}\u201d: write() failed: {reason}"
+    return (f"Failed to rename file \u201c{err.tmp}\u201d to \u201c{path}\u201d: "
+            f"g_rename() failed: {reason}")
 
 
 def _make_ssh_dir(platform, path: str, entry) -> None:

@@ -10,7 +10,7 @@ to every command named on the command line.
 
     ns_probe.py OUTER_NS TREE QEMU_GA WORKDIR [--loop IMAGE=DEVDIR] [--bind SRC=DST]
                 [--net OUTER_NET_NS] [--fake-program PATH=SCRIPT] [--allow NAME]
-                [--watch PATH] REQUEST...
+                [--watch PATH] [--agent-path PATH] REQUEST...
 
 A REQUEST is a command name or a whole JSON request. Both agents run with
 the machine-changing commands blocked except those named by ``--allow``;
@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
         shutil.copytree(os.path.join(tree, "run"), "/run", symlinks=True, dirs_exist_ok=True)
     commands: list[dict] = []
     fakes: set[str] = set()
+    agent_path = os.environ.get("PATH", "")
     allowed: set[str] = set()
     watched: list[str] = []
     while rest:
@@ -111,12 +112,15 @@ def main(argv: list[str]) -> int:
                     print(f"{program} is not the fake", file=sys.stderr)
                     return 2
             fakes.add(program)
+        elif item == "--agent-path":
+            agent_path = rest.pop(0)
         elif item == "--allow":
             allowed.add(rest.pop(0))
         elif item == "--watch":
             watched.append(rest.pop(0))
         else:
             commands.append(json.loads(item) if item.startswith("{") else {"execute": item})
+    os.environ["PATH"] = agent_path  # from here on, what both agents search
     problem = unsafe(allowed, fakes, commands, workdir)
     if problem:
         print(f"refusing to run: {problem}", file=sys.stderr)
@@ -148,8 +152,9 @@ def unsafe(allowed: set[str], fakes: set[str], commands: list[dict], workdir: st
         if name == "guest-set-time":
             if "/sbin/hwclock" not in fakes:
                 return "guest-set-time without a fake /sbin/hwclock"
-            if any(c["execute"] == name and "time" in c.get("arguments", {}) for c in commands):
-                return "guest-set-time with a time would set the real clock"
+            if any(c["execute"] == name and not refused_time(c.get("arguments", {}))
+                   for c in commands):
+                return "guest-set-time with a valid time would set the real clock"
         if name.startswith("guest-suspend-"):
             why = only_fakes_in_path("systemctl", "pm-is-supported", "pm-suspend",
                                      "pm-hibernate", "pm-suspend-hybrid")
@@ -162,6 +167,15 @@ def unsafe(allowed: set[str], fakes: set[str], commands: list[dict], workdir: st
         if name in ("guest-fstrim", "guest-fsfreeze-freeze", "guest-fsfreeze-freeze-list"):
             return f"{name} would act on the machine's own filesystems"
     return None
+
+
+def refused_time(arguments: dict) -> bool:
+    """No time (the RTC is read: the fake hwclock), or one more than a year
+    outside the 1970..2069 range both agents refuse before touching the clock."""
+    if "time" not in arguments:
+        return True
+    year_ns = 366 * 86400 * 10**9
+    return arguments["time"] < -year_ns or arguments["time"] > 101 * year_ns
 
 
 class QemuGa:

@@ -330,9 +330,12 @@ def probe(tree: Path, qemu_ga: str, workdir: Path, *args: str, net: bool = False
     workdir.mkdir(exist_ok=True)
     namespaces = ["-m", "--propagation", "private"] + (["-n"] if net else [])
     extra = ["--net", os.readlink("/proc/self/ns/net")] if net else []
+    env = dict(env or {})
+    if "PATH" in env:  # the agents' PATH; the probe itself needs mount, ip...
+        extra += ["--agent-path", env.pop("PATH")]
     done = subprocess.run(
         ["unshare", *namespaces, sys.executable, str(Path(__file__).parent / "ns_probe.py"),
          os.readlink("/proc/self/ns/mnt"), str(tree), qemu_ga, str(workdir), *extra, *args],
-        capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+        capture_output=True, timeout=60, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     return json.loads(done.stdout)
