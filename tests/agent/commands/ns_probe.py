@@ -185,7 +185,12 @@ class QemuGa:
         self.proc = subprocess.Popen([qemu_ga, "-m", "unix-listen", "-p", sock, "-t", workdir,
                                       "-b", ",".join(blocked)],
                                      env=env, stderr=subprocess.DEVNULL)
-        self.client = AgentClient(sock)
+        try:
+            self.client = AgentClient(sock)
+        except OSError:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.marker = 0
 
     def request(self, message: dict) -> dict | None:
@@ -195,7 +200,12 @@ class QemuGa:
     def close(self) -> None:
         self.client.close()
         self.proc.terminate()
-        self.proc.wait(timeout=10)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # qemu-ga 7.2 now and then deadlocks in its SIGTERM handler
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Ours:

@@ -187,7 +187,7 @@ def stop_agent(proc: subprocess.Popen, client: AgentClient) -> None:
     client.close()
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=5)  # qemu-ga 7.2 now and then deadlocks in its SIGTERM handler
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -328,7 +328,10 @@ def probe(tree: Path, qemu_ga: str, workdir: Path, *args: str, net: bool = False
     if net and shutil.which("ip") is None:
         pytest.skip("ip (iproute2) is needed to set up test interfaces")
     workdir.mkdir(exist_ok=True)
-    namespaces = ["-m", "--propagation", "private"] + (["-n"] if net else [])
+    # a PID namespace too: when the probe ends, however it ends, the kernel
+    # kills every process it started
+    namespaces = ["-m", "--propagation", "private", "-p", "-f", "--mount-proc"] + \
+        (["-n"] if net else [])
     extra = ["--net", os.readlink("/proc/self/ns/net")] if net else []
     env = dict(env or {})
     if "PATH" in env:  # the agents' PATH; the probe itself needs mount, ip...
