@@ -111,7 +111,7 @@ def bench_size(size: int, args: argparse.Namespace, image, workdir: Path) -> dic
         double = QemuImgEngine("qemu-img")
         backup_mod.verify_copy = double.verify_copy
         backup_mod.content_sha256 = double.content_sha256
-    windows, snapshots, totals = [], [], []
+    windows, snapshots, freezes, thaws, totals = [], [], [], [], []
     with boot_guest(spec, image=image) as guest:
         guest.wait_writer(10)
         for run in range(args.runs):
@@ -126,9 +126,12 @@ def bench_size(size: int, args: argparse.Namespace, image, workdir: Path) -> dic
                 raise SystemExit(f"backup {run} failed ({result.exit_code}): {m and m.errors}")
             windows.append(m.freeze_window_ms)
             snapshots.append(m.snapshot_ms)
+            freezes.append(m.freeze_ms)
+            thaws.append(m.thaw_ms)
             subprocess.run(["rm", "-rf", str(result.directory)], check=True)
             print(f"  {size // MiB:>5} MiB run {run + 1:>2}: frozen {m.freeze_window_ms:6.1f} ms "
-                  f"(snapshot {m.snapshot_ms:5.1f} ms), backup {totals[-1]:.2f} s", flush=True)
+                  f"(freeze {m.freeze_ms:5.1f}, snapshot {m.snapshot_ms:5.1f}, thaw {m.thaw_ms:5.1f} ms)"
+                  f", backup {totals[-1]:.2f} s", flush=True)
         writes = guest.writer_progress()
     engine_rate = sum(meter.bytes) / sum(meter.engine_seconds)
     paired_bytes = sum(b for b, _, _ in meter.pairs)
@@ -139,6 +142,8 @@ def bench_size(size: int, args: argparse.Namespace, image, workdir: Path) -> dic
         "freeze_ms": {"median": statistics.median(windows), "min": min(windows),
                       "max": max(windows), "all": windows},
         "snapshot_ms_median": statistics.median(snapshots),
+        "freeze_cmd_ms_median": statistics.median(freezes),
+        "thaw_cmd_ms_median": statistics.median(thaws),
         "backup_seconds_median": statistics.median(totals),
         "copy_MiBps": engine_rate / MiB,
         "copy_vs_qemu_img": {"engine_MiBps": eng_rate_same / MiB, "qemu_img_MiBps": ref_rate / MiB,
@@ -167,13 +172,14 @@ def main() -> int:
         for text in args.sizes.split(","):
             results.append(bench_size(parse_size(text), args, image, Path(tmp)))
     print()
-    print(f"{'disk':>8} {'freeze median':>14} {'min':>7} {'max':>7} {'snapshot':>9} "
-          f"{'engine MiB/s':>13} {'qemu-img MiB/s':>15} {'ratio':>6}")
+    print(f"{'disk':>8} {'window median':>14} {'min':>7} {'max':>7} {'freeze':>7} {'snapshot':>9} "
+          f"{'thaw':>6} {'engine MiB/s':>13} {'qemu-img MiB/s':>15} {'ratio':>6}")
     for r in results:
         c = r["copy_vs_qemu_img"]
         print(f"{r['disk_bytes'] // MiB:>5} MiB {r['freeze_ms']['median']:>11.1f} ms "
               f"{r['freeze_ms']['min']:>7.1f} {r['freeze_ms']['max']:>7.1f} "
-              f"{r['snapshot_ms_median']:>6.1f} ms {c['engine_MiBps']:>13.1f} "
+              f"{r['freeze_cmd_ms_median']:>7.1f} {r['snapshot_ms_median']:>6.1f} ms "
+              f"{r['thaw_cmd_ms_median']:>6.1f} {c['engine_MiBps']:>13.1f} "
               f"{c['qemu_img_MiBps']:>15.1f} {c['ratio']:>6.2f}")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)

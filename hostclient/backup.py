@@ -210,6 +210,8 @@ class RunningBackup(_Job):
         self.frozen_count: int | None = None
         self.freeze_window_ms: float | None = None
         self.snapshot_ms: float | None = None
+        self.freeze_ms: float | None = None
+        self.thaw_ms: float | None = None
 
     # -------------------------------------------------------------- run
 
@@ -280,6 +282,8 @@ class RunningBackup(_Job):
             m.frozen_filesystems = self.frozen_count
             m.freeze_window_ms = self.freeze_window_ms
             m.snapshot_ms = self.snapshot_ms
+            m.freeze_ms = self.freeze_ms
+            m.thaw_ms = self.thaw_ms
             self.finish(complete)
         if self.thaw_failed:
             code = EXIT_MAYBE_FROZEN
@@ -363,16 +367,20 @@ class RunningBackup(_Job):
             self.attached = list(self.overlays)
         finally:
             if froze:
+                thaw_started = time.monotonic()
                 self._thaw()
+                self.thaw_ms = round((time.monotonic() - thaw_started) * 1000, 3)
                 self.freeze_window_ms = round((time.monotonic() - started) * 1000, 3)
-                self.ui.info(f"guest frozen for {self.freeze_window_ms:.1f} ms "
-                             f"(snapshot {self.snapshot_ms or 0:.1f} ms)")
+                self.ui.info(f"guest frozen for {self.freeze_window_ms:.1f} ms (freeze "
+                             f"{self.freeze_ms or 0:.1f} ms, snapshot {self.snapshot_ms or 0:.1f} ms, "
+                             f"thaw {self.thaw_ms:.1f} ms)")
             if not self.attached:
                 self._snapshot_cleanup()
 
     def _freeze(self) -> None:
         assert self.agent is not None
         mountpoints = list(self.cfg.mountpoints) or None
+        started = time.monotonic()
         try:
             count = self.agent.fsfreeze_freeze(mountpoints, timeout=self.cfg.timeouts.freeze)
         except AgentCommandError as exc:
@@ -385,6 +393,8 @@ class RunningBackup(_Job):
                 f"{exc}; the agent did not answer a status poll either"
             self._agent_failed_soft("freeze", detail)
             return
+        finally:
+            self.freeze_ms = round((time.monotonic() - started) * 1000, 3)
         self.frozen_count = count
         if count == 0:
             self.manifest.warnings.append("the agent froze no filesystem"

@@ -88,7 +88,9 @@ class Manifest:
     consistency: str = "crash"   # application, crash or offline (stopped VM)
     frozen_filesystems: int | None = None
     freeze_window_ms: float | None = None
-    snapshot_ms: float | None = None
+    freeze_ms: float | None = None     # the freeze command alone (agent round trip)
+    snapshot_ms: float | None = None   # the QMP transaction alone
+    thaw_ms: float | None = None       # the thaw command alone
     disks: list[DiskRecord] = field(default_factory=list)
     errors: list[ErrorRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -99,12 +101,14 @@ class Manifest:
 
     def to_json(self) -> dict[str, Any]:
         body = asdict(self)
-        errors = body.pop("errors")
-        for e in errors:
+        for e in body["errors"]:
             e["class"] = e.pop("error_class")
+        order = ("backup_id", "kind", "parent", "mode", "status", "started", "finished",
+                 "quiesced", "consistency", "frozen_filesystems", "freeze_window_ms", "freeze_ms",
+                 "snapshot_ms", "thaw_ms", "disks", "errors", "warnings", "recovery", "source")
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "tool": {"name": "quiesce", "version": __version__},
-                **body, "errors": errors}
+                **{k: body[k] for k in order}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "manifest") -> "Manifest":
