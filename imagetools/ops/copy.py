@@ -142,6 +142,10 @@ def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None)
         copier = Copier(sources, target, job, total_sectors)
         stats = copier.run(progress)
         target.flush()
+        target.close()
+        target = None
+        if job.compress:
+            pad_to_sector(job.target if not job.target_image_opts else copier.target.filename)
         stats.seconds = time.monotonic() - started
         return stats
     finally:
@@ -495,6 +499,21 @@ class Copier:
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+
+
+def pad_to_sector(filename: str) -> None:
+    """qemu-img ends a compressed image at a whole sector: pad the closed file."""
+    try:
+        fd = os.open(filename, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        import stat
+        if stat.S_ISREG(st.st_mode) and st.st_size % SECTOR:
+            os.ftruncate(fd, st.st_size + SECTOR - st.st_size % SECTOR)
+    finally:
+        os.close(fd)
 
 
 def _pow2floor(value: int) -> int:

@@ -71,7 +71,28 @@ FORMAT_OPTIONS: dict[str, tuple[OptionDesc, ...]] = {"qcow2": QCOW2, "raw": RAW}
 
 
 def format_options(fmt: str) -> tuple[OptionDesc, ...] | None:
-    return FORMAT_OPTIONS.get(fmt)
+    """The creation options of format ``fmt`` in declaration order, or None
+    if qimg cannot create that format.
+
+    A driver may declare them itself (``create_options``, items with
+    ``name``, ``type``, ``help`` and ``default``); raw and qcow2 use the
+    tables above.
+    """
+    if fmt in FORMAT_OPTIONS:
+        return FORMAT_OPTIONS[fmt]
+    from imagetools.ops.common import known_format
+    if not known_format(fmt):
+        return None
+    from imagetools.errors import ImageError
+    from imagetools.formats import driver
+    try:
+        cls = driver(fmt)
+    except ImageError:
+        return None
+    declared = getattr(cls, "create_options", None)
+    if not declared or "create" not in vars(cls):
+        return None
+    return tuple(OptionDesc(d.name, d.type, d.help, d.default) for d in declared)
 
 
 def with_protocol(descs: tuple[OptionDesc, ...]) -> tuple[OptionDesc, ...]:
