@@ -109,9 +109,15 @@ def read_bitmaps(file: HostFile, header: Header) -> list[Bitmap]:
     return out
 
 
-def read_bitmap_table(file: HostFile, bitmap: Bitmap) -> list[int]:
+def read_bitmap_table(file: HostFile, bitmap: Bitmap, image_size: int,
+                      cluster_size: int) -> list[int]:
     """The entries of one bitmap's table (offsets of its data clusters)."""
-    if bitmap.table_size > (1 << 24):
-        raise CorruptImageError(f"Bitmap '{bitmap.name}' table too large")
+    if not 9 <= bitmap.granularity_bits <= 31:
+        raise CorruptImageError(f"Bitmap '{bitmap.name}' has an unsupported granularity")
+    bits = -(-image_size // bitmap.granularity)
+    needed = -(-bits // (8 * cluster_size))
+    if bitmap.table_size > max(needed, 1) or \
+            bitmap.table_offset + 8 * bitmap.table_size > file.length():
+        raise CorruptImageError(f"Bitmap '{bitmap.name}' table is invalid")
     raw = file.pread_full(bitmap.table_offset, 8 * bitmap.table_size)
     return list(struct.unpack(f">{bitmap.table_size}Q", raw))

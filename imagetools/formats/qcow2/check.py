@@ -111,14 +111,16 @@ class _Counter:
         self.code = "B" if bits <= 8 else "H" if bits == 16 else "I" if bits == 32 else "Q"
         self.counts = array(self.code, bytes(array(self.code).itemsize * self.nb_clusters))
 
-    def inc(self, offset: int, size: int) -> None:
-        if size <= 0:
+    def inc(self, offset: int, size: int, times: int = 1) -> None:
+        if size <= 0 or times <= 0:
             return
         end = offset + size
         if end > self.file_len and end - self.file_len >= self.cs:
-            self.res.report("ERROR: counting reference for region exceeding the end of the "
-                            f"file by one cluster or more: offset {offset:#x} size {size:#x}")
-            self.res.corruptions += 1
+            for _ in range(min(times, 4)):
+                self.res.report("ERROR: counting reference for region exceeding the end of "
+                                f"the file by one cluster or more: offset {offset:#x} size "
+                                f"{size:#x}")
+            self.res.corruptions += times
             return
         first = offset >> self.cbits
         last = (end - 1) >> self.cbits
@@ -127,14 +129,18 @@ class _Counter:
             counts.extend(array(self.code, bytes(counts.itemsize * (last + 1 - len(counts)))))
             self.nb_clusters = len(counts)
         for k in range(first, last + 1):
-            if counts[k] == self.max:
+            value = counts[k]
+            if value + times <= self.max:
+                counts[k] = value + times
+                continue
+            over = value + times - self.max
+            counts[k] = self.max
+            for _ in range(min(over, 4)):
                 self.res.report(f"ERROR: overflow cluster offset={k << self.cbits:#x}")
                 self.res.report("Use qemu-img amend to increase the refcount entry width or "
                                 "qemu-img convert to create a clean copy if the image cannot "
                                 "be opened for writing")
-                self.res.corruptions += 1
-                continue
-            counts[k] += 1
+            self.res.corruptions += over
 
 
 def check_image(drv: "Qcow2Driver") -> CheckResult:
@@ -158,6 +164,7 @@ def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter
     if drv.data_file is not None and snaps:
         res.report(f"ERROR {len(snaps)} snapshots in image with data file")
         res.corruptions += 1
+    seen_l1: dict[tuple[int, int], int] = {}
     for sn in snaps:
         if sn.l1_table_offset % cs:
             res.report(f"ERROR snapshot {sn.id} ({sn.name}) l1_offset={sn.l1_table_offset:#x}: "
@@ -169,7 +176,10 @@ def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter
                        "L1 table is too large; snapshot table entry corrupted")
             res.corruptions += 1
             continue
-        _check_l1(drv, res, counter, sn.l1_table_offset, sn.l1_size, active=False)
+        key = (sn.l1_table_offset, sn.l1_size)
+        seen_l1[key] = seen_l1.get(key, 0) + 1
+    for (l1_offset, l1_size), count in seen_l1.items():
+        _check_l1(drv, res, counter, l1_offset, l1_size, active=False, times=count)
     if h.nb_snapshots:
         from imagetools.formats.qcow2.snapshots import snapshot_table_size
         counter.inc(h.snapshots_offset, snapshot_table_size(drv.file, h))
@@ -193,39 +203,64 @@ def _count_bitmaps(drv: "Qcow2Driver", counter: _Counter) -> None:
     counter.inc(ext.directory_offset, ext.directory_size)
     for bm in drv.bitmaps():
         counter.inc(bm.table_offset, bm.table_size * 8)
-        for entry in read_bitmap_table(drv.file, bm):
+        try:
+            table = read_bitmap_table(drv.file, bm, drv.size, drv.cluster_size)
+        except Exception as err:   # noqa: BLE001 - a broken table is a finding
+            counter.res.report(f"ERROR bitmap '{bm.name}': {err}")
+            counter.res.corruptions += 1
+            continue
+        for entry in table:
             offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
             if offset:
                 counter.inc(offset, drv.cluster_size)
 
 
 def _check_l1(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l1_offset: int,
-              l1_size: int, *, active: bool) -> None:
+              l1_size: int, *, active: bool, times: int = 1) -> None:
     cs = drv.cluster_size
-    counter.inc(l1_offset, l1_size * 8)
+    for _ in range(times):
+        counter.inc(l1_offset, l1_size * 8)
     if active:
         l1 = drv.l1.values
     else:
         l1 = read_be64_array(drv.file, l1_offset, l1_size) if l1_size else []
+    # An L2 table referenced many times (hostile or not) is walked once and
+    # counted as often as it is referenced, so the work stays bounded by the
+    # file size rather than by the L1 size. Normal tables keep QEMU's order.
+    multiplicity: dict[int, int] = {}
+    for entry in l1:
+        off = entry & L1E_OFFSET_MASK
+        if off:
+            multiplicity[off] = multiplicity.get(off, 0) + 1
+    done: set[int] = set()
     for entry in l1:
         if not entry:
             continue
         if entry & L1E_RESERVED_MASK:
-            res.report(f"ERROR found L1 entry with reserved bits set: {entry:x}")
-            res.corruptions += 1
+            for _ in range(times):
+                res.report(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
         l2_offset = entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
-        counter.inc(l2_offset, cs)
+        many = multiplicity[l2_offset] > 4
+        if many and l2_offset in done:
+            continue
+        count = times * (multiplicity[l2_offset] if many else 1)
+        done.add(l2_offset)
+        counter.inc(l2_offset, cs, count)
         if l2_offset % cs:
-            res.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
-                       "L1 entry corrupted")
-            res.corruptions += 1
-        _check_l2(drv, res, counter, l2_offset, active)
+            for _ in range(min(count, 4)):
+                res.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                           "L1 entry corrupted")
+            res.corruptions += count
+        if l2_offset >= counter.file_len:
+            continue      # reads as zeros: nothing in it to count
+        _check_l2(drv, res, counter, l2_offset, active, times=count)
 
 
 def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset: int,
-              active: bool) -> None:
+              active: bool, times: int = 1) -> None:
     layout = drv.layout
     cs = drv.cluster_size
     ext = layout.extended_l2
@@ -261,11 +296,11 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
                 res.corruptions += 1
                 continue
             coffset, csize = layout.compressed_range(entry)
-            counter.inc(coffset, csize)
+            counter.inc(coffset, csize, times)
             if active:
-                res.allocated_clusters += 1
-                res.compressed_clusters += 1
-                res.fragmented_clusters += 1
+                res.allocated_clusters += times
+                res.compressed_clusters += times
+                res.fragmented_clusters += times
         elif type_ in (NORMAL, ZERO_ALLOC):
             offset = entry & L2E_OFFSET_MASK
             if (bitmap >> 32) & bitmap:
@@ -280,12 +315,12 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
                 res.report(f"ERROR offset={offset:x}: {kind} cluster is not properly aligned; "
                            "L2 entry corrupted.")
             if active:
-                res.allocated_clusters += 1
+                res.allocated_clusters += times
                 if next_contiguous and offset != next_contiguous:
-                    res.fragmented_clusters += 1
+                    res.fragmented_clusters += times
                 next_contiguous = offset + cs
             if not has_data_file:
-                counter.inc(offset, cs)
+                counter.inc(offset, cs, times)
         elif type_ == UNALLOCATED_PLAIN:
             if bitmap & 0xFFFFFFFF:
                 res.corruptions += 1
@@ -455,3 +490,76 @@ def metadata_clusters(drv: "Qcow2Driver") -> dict[int, str]:
                 if entry & L1E_OFFSET_MASK:
                     add(entry & L1E_OFFSET_MASK, cs, "inactive L2 table")
     return meta
+
+
+def repair_refcounts(drv: "Qcow2Driver") -> CheckResult:
+    """Make the stored refcounts and COPIED flags match the references.
+
+    This is what QEMU does when it opens a dirty image (a crash with lazy
+    refcounts) for writing: leaks are freed, missing increments restored and
+    COPIED flags corrected. A refcount structure that would need rebuilding
+    (missing or misplaced refcount blocks, broken tables) is refused with an
+    ImageError; ``qemu-img check -r all`` is the tool for that.
+    """
+    from imagetools.errors import ImageError
+    res = CheckResult(drv.filename, "qcow2")
+    counter = _Counter(drv, res)
+    _calculate_refcounts(drv, res, counter)
+    if res.rebuild or res.corruptions:
+        raise ImageError("Could not repair dirty image: the refcount structure is damaged "
+                         "(run 'qemu-img check -r all')")
+    rc = drv.refcounts
+    entries = drv.layout.refblock_entries
+    counts = counter.counts
+    for index in range(-(-counter.nb_clusters // entries)):
+        lo = index * entries
+        hi = min(counter.nb_clusters, lo + entries)
+        computed = counts[lo:hi]
+        blk = rc._load(index)
+        if blk is None:
+            if any(computed):
+                raise ImageError("Could not repair dirty image: a refcount block is missing "
+                                 "(run 'qemu-img check -r all')")
+            continue
+        stored = blk.values[:hi - lo]
+        if stored == computed:
+            continue
+        for i in range(hi - lo):
+            if stored[i] != computed[i]:
+                rc.set_one(lo + i, computed[i])
+                if computed[i] < stored[i]:
+                    res.leaks_fixed += 1
+                else:
+                    res.corruptions_fixed += 1
+    _fix_oflag_copied(drv, res)
+    return res
+
+
+def _fix_oflag_copied(drv: "Qcow2Driver", res: CheckResult) -> None:
+    layout = drv.layout
+    rc = drv.refcounts
+    cbits = drv.cluster_bits
+    step = 2 if layout.extended_l2 else 1
+    for l1i, l1_entry in enumerate(drv.l1.values):
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        copied = rc.get(l2_offset >> cbits) == 1
+        if copied != bool(l1_entry & QCOW_OFLAG_COPIED):
+            drv.l1.set(l1i, (l1_entry | QCOW_OFLAG_COPIED) if copied
+                       else (l1_entry & ~QCOW_OFLAG_COPIED))
+            res.corruptions_fixed += 1
+        table = drv.l2_cache.get(l2_offset)
+        for j in range(layout.l2_entries):
+            entry = table.values[j * step]
+            if not entry or entry & QCOW_OFLAG_COMPRESSED:
+                continue
+            if layout.cluster_type(entry) not in (NORMAL, ZERO_ALLOC):
+                continue
+            one = drv.data_file is not None or \
+                rc.get((entry & L2E_OFFSET_MASK) >> cbits) == 1
+            if one != bool(entry & QCOW_OFLAG_COPIED):
+                table.values[j * step] = (entry | QCOW_OFLAG_COPIED) if one \
+                    else (entry & ~QCOW_OFLAG_COPIED)
+                table.dirty = True
+                res.corruptions_fixed += 1

@@ -36,7 +36,15 @@ def decompress(kind: int, data: bytes, cluster_size: int) -> bytes:
             out = d.decompress(data, cluster_size)
         elif kind == COMPRESSION_ZSTD:
             zstd = _zstd()
-            out = zstd.ZstdDecompressor().decompressobj().decompress(data)
+            # a stream reader bounded to one cluster: a hostile frame that
+            # claims gigabytes cannot make us allocate them
+            with zstd.ZstdDecompressor().stream_reader(data, read_across_frames=False) as r:
+                out = r.read(cluster_size)
+                while len(out) < cluster_size:
+                    more = r.read(cluster_size - len(out))
+                    if not more:
+                        break
+                    out += more
         else:
             raise UnsupportedError(f"qcow2: unknown compression type: {kind}")
     except (zlib.error, ValueError) as err:

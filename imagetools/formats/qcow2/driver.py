@@ -124,6 +124,18 @@ class Qcow2Driver(Qcow2Writer, Driver):
         self._overlap = None
         self.init_writer()
         self.refcounts.on_metadata = self._note_metadata
+        if not read_only and self.is_dirty():
+            self._repair_dirty()
+
+    def _repair_dirty(self) -> None:
+        """A dirty image (killed with lazy refcounts) is repaired before writing."""
+        from imagetools.formats.qcow2.check import repair_refcounts
+        repair_refcounts(self)
+        self._first_write_done = True
+        self.writeback()
+        self._sync()
+        self._set_incompat(hdr.INCOMPAT_DIRTY, False)
+        self._first_write_done = False
 
     def _open_data_file(self, filename: str) -> None:
         h = self.header

@@ -50,6 +50,8 @@ def read_snapshots(file: HostFile, header: Header) -> list[SnapshotInfo]:
             raise CorruptImageError("Snapshot L1 table too large")
         if l1_offset % cluster_size:
             raise CorruptImageError("Snapshot L1 table offset invalid")
+        if l1_size and l1_offset + 8 * l1_size > file_len:
+            raise CorruptImageError("Snapshot L1 table is past the end of the file")
         disk_size = icount = None
         if len(extra) >= 8:
             vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
