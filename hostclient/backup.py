@@ -159,6 +159,7 @@ class _Job:
         self.cancel.check()
         verify_copy(source, source_format, target)
         digest = content_sha256(str(target), "qcow2", self.cancel.check)
+        self.cancel.check()
         return DiskRecord(name=disk_name, node=node, device=device, source=source,
                           source_format=source_format, file=target.name, format="qcow2",
                           virtual_size=stats.virtual_size, sha256=digest,

@@ -347,6 +347,31 @@ def test_interrupt_during_commit_waits_for_it(vm, fake_agent, engine, tmp_path, 
     assert_vm_clean(vm)
 
 
+def test_interrupt_during_verify(vm, fake_agent, engine, tmp_path, monkeypatch):
+    import hostclient.backup as backup
+    token = CancelToken()
+    real_verify = engine.verify_copy
+
+    def verify_then_ctrl_c(*args):
+        real_verify(*args)
+        token.cancel()
+
+    monkeypatch.setattr(backup, "verify_copy", verify_then_ctrl_c)
+    result = run_backup(config(vm, fake_agent, tmp_path), cancel=token)
+    assert result.exit_code == 130 and result.manifest.status == "interrupted"
+    assert not list(result.directory.glob("*.qcow2"))
+    assert_vm_clean(vm)
+
+
+def test_interrupt_during_a_stopped_vm_copy(paused_vm, engine, tmp_path):
+    a = paused_vm.image("a", "qcow2", "8M", b"A" * 4096)
+    token = CancelToken()
+    engine.during_copy = lambda source: token.cancel()
+    result = run_backup(BackupConfig(target_dir=tmp_path / "t", images=(a,)), cancel=token)
+    assert result.exit_code == 130 and result.manifest.status == "interrupted"
+    assert not list(result.directory.glob("*.qcow2"))
+
+
 @pytest.mark.timeout(60)
 def test_real_sigint_to_the_cli_during_freeze(vm, fake_agent, tmp_path):
     """A real Ctrl-C (SIGINT) to a `quiesce backup` process while the guest is frozen."""
