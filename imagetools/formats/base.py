@@ -17,6 +17,7 @@ What a driver class offers (class level):
 ``probe(header, filename)``     0..100: how sure it is that a file is this format
 ``open(filename, *, read_only, force_share)``  open one image, no backing
 ``create(filename, size, options)``            create a new image file
+``measure(options, size=None, source=None)``    qemu-img measure's numbers
 ``supports_backing``            whether the format can have a backing file
 
 What an open driver offers (the instance), beyond data and status:
@@ -261,6 +262,18 @@ class Driver:
         the ``FILENAME: `` prefix the CLI adds.
         """
         raise NotImplementedError
+
+    @classmethod
+    def measure(cls, options: dict[str, Any], size: int | None = None,
+                source: "Driver | None" = None) -> dict[str, int]:
+        """``qemu-img measure``: ``{"required", "fully-allocated"[, "bitmaps"]}``.
+
+        Either ``size`` (--size) or ``source`` (an open image, whole chain)
+        is given; ``options`` are the target's -o options.
+        """
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError(f"Block driver '{cls.format_name}' does not support size "
+                               "measurement")
 
     # -- size and data -------------------------------------------------
 

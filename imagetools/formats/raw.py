@@ -79,6 +79,13 @@ class RawDriver(Driver):
         finally:
             file.close()
 
+    @classmethod
+    def measure(cls, options: dict[str, Any], size: int | None = None,
+                source: Driver | None = None) -> dict[str, int]:
+        """Unallocated sectors count too: raw needs the whole virtual size."""
+        required = source.size if source is not None else _round_up(size or 0, SECTOR)
+        return {"required": required, "fully-allocated": required}
+
     # -- size and data -------------------------------------------------
 
     @property

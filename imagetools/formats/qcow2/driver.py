@@ -89,6 +89,12 @@ class Qcow2Driver(Qcow2Writer, Driver):
         from imagetools.formats.qcow2.create import create
         create(filename, size, options)
 
+    @classmethod
+    def measure(cls, options: dict[str, Any], size: int | None = None,
+                source: Driver | None = None) -> dict[str, int]:
+        from imagetools.formats.qcow2.measure import measure
+        return measure(options, size, source)
+
     def __init__(self, file: HostFile, filename: str, *, read_only: bool,
                  force_share: bool = False) -> None:
         super().__init__(filename, read_only=read_only)
