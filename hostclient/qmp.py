@@ -137,6 +137,10 @@ class Monitor:
             raise QmpUnavailable(f"QMP connection lost: {_reason(exc)}") from None
         return dict(event)
 
+    def requeue(self, event: dict[str, Any]) -> None:
+        """Put an event back: the next ``next_event`` returns it first."""
+        self._backlog.insert(0, event)
+
     def wait_event(self, match: Callable[[dict[str, Any]], bool], timeout: float, *,
                    what: str, poll: Callable[[], None] | None = None,
                    poll_every: float = 1.0) -> dict[str, Any]:
@@ -270,6 +274,8 @@ def choose_disks(mon: Monitor, wanted: Iterable[str] = ()) -> tuple[list[BlockDi
 def _unsuitable(mon: Monitor, disk: BlockDisk) -> str | None:
     if disk.read_only:
         return "read-only"
+    if disk.filename.startswith("json:"):
+        return f"its image is not a plain file ({disk.filename[:60]}...)"
     if disk.format not in BACKUP_FORMATS:
         return f"format {disk.format} (only {', '.join(BACKUP_FORMATS)})"
     if file_protocol(mon, disk) is None:
@@ -335,7 +341,7 @@ def commit_back(mon: Monitor, overlay: Overlay, *, job_id: str, timeout: float,
             # the event may have been queued meanwhile: let the wait look again
             event = mon.next_event(0.5)
             if event is not None:
-                mon._backlog.insert(0, event)
+                mon.requeue(event)
                 return
             raise BlockJobError(f"block job {job_id} vanished without an event")
         if poll:
