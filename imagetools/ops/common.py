@@ -106,3 +106,32 @@ def creation_error(filename: str, err: Exception) -> str:
         reason = err.reason.rsplit(": ", 1)[-1]
         return f"Could not create '{filename}': {reason}"
     return str(err)
+
+
+def l2_span(drv) -> int:
+    """Guest bytes one qcow2 L2 table maps, 0 for other formats.
+
+    QEMU's qcow2 block status never answers past the end of one L2 table,
+    so qemu-img's chunks (and compare's status checks) break there too.
+    """
+    if drv.format_name != "qcow2" or not drv.cluster_size:
+        return 0
+    specific = (drv.format_specific() or {}).get("data", {})
+    entry = 16 if specific.get("extended-l2") else 8
+    return drv.cluster_size * (drv.cluster_size // entry)
+
+
+def status_runs(drv, start: int = 0):
+    """The image's block status from ``start`` as qemu-img sees it: adjacent
+    equal runs merged, but cut at qcow2 L2 table boundaries."""
+    from imagetools.formats.base import merge_extents
+    span = l2_span(drv)
+    for ext in merge_extents(drv.block_status(start, drv.size - start)):
+        if not span:
+            yield ext
+            continue
+        pos = ext.start
+        while pos < ext.end:
+            cut = min(ext.end, (pos // span + 1) * span)
+            yield ext.clipped(pos, cut) if (pos, cut) != (ext.start, ext.end) else ext
+            pos = cut

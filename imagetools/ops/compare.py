@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from imagetools.errors import ImageError
 from imagetools.ops.args import Getopt, usage_error
@@ -105,17 +105,13 @@ def main(argv: list[str]) -> int:
     return result.exit_code
 
 
-def _runs(drv) -> Iterator:
-    """The image's block status with adjacent equal runs merged."""
-    from imagetools.formats.base import merge_extents
-    return merge_extents(drv.block_status(0, drv.size))
-
-
 class _Cursor:
     """The block status at a moving offset (qemu-img re-queries at each step)."""
 
     def __init__(self, drv) -> None:
-        self._runs = _runs(drv)
+        from imagetools.ops.common import status_runs
+        self.size = drv.size
+        self._runs = status_runs(drv)
         self.ext = next(self._runs, None)
 
     def at(self, offset: int):
@@ -126,8 +122,9 @@ class _Cursor:
         return self.ext
 
 
-def _status(ext) -> tuple[bool, bool, bool, bool]:
-    return (ext.present, ext.zero, ext.data, ext.offset is not None)
+def _status(ext, size: int) -> tuple[bool, bool, bool, bool, bool]:
+    """What qemu-img -s compares: the block status flags, EOF included."""
+    return (ext.present, ext.zero, ext.data, ext.offset is not None, ext.end == size)
 
 
 def first_difference(buf1, buf2, length: int) -> int:
@@ -174,7 +171,7 @@ def compare_images(drv1, drv2, *, strict: bool = False,
     while offset < total:
         e1, e2 = cur1.at(offset), cur2.at(offset)
         chunk = min(e1.end, e2.end) - offset
-        if strict and _status(e1) != _status(e2):
+        if strict and _status(e1, size1) != _status(e2, size2):
             emit(f"Strict mode: Offset {offset} block status mismatch!")
             return done(False, 1, offset)
         if e1.zero and e2.zero:

@@ -248,6 +248,7 @@ class _Status:
     """Block status of the concatenated sources at moving offsets."""
 
     def __init__(self, sources, top_only: bool) -> None:
+        from imagetools.ops.common import l2_span
         self.sources = sources
         self.top_only = top_only
         self.starts = []
@@ -257,7 +258,7 @@ class _Status:
             pos += -(-src.size // SECTOR)
         self._iters: dict[int, Iterator] = {}
         self._current: dict[int, object] = {}
-        self.l2_span = [_l2_span(src) for src in sources]
+        self.l2_span = [l2_span(src) for src in sources]
 
     def part(self, sector: int) -> int:
         index = 0
@@ -281,15 +282,6 @@ class _Status:
                 raise ImageError(f"error while reading block status at offset {offset}")
             self._current[index] = ext
         return ext
-
-
-def _l2_span(src) -> int:
-    """Guest bytes one qcow2 L2 table maps (qemu-img's block status stops there)."""
-    if src.format_name != "qcow2" or not src.cluster_size:
-        return 0
-    specific = (src.format_specific() or {}).get("data", {})
-    entry = 16 if specific.get("extended-l2") else 8
-    return src.cluster_size * (src.cluster_size // entry)
 
 
 class Copier:

@@ -71,7 +71,7 @@ def collect(filename: str, fmt: str | None = None, *, chain: bool = False,
         drv = open_image(name, fmt, read_only=True, force_share=force_share,
                          image_opts=image_opts and name is filename, open_backing=False)
         try:
-            info = image_info(drv, name)
+            info = image_info(drv, drv.filename if image_opts and name is filename else name)
         finally:
             drv.close()
         infos.append(info)

@@ -81,12 +81,40 @@ def main(argv: list[str]) -> int:
                      image_opts=image_opts)
     try:
         if mode == "json":
-            print_json(entries(drv, start, max_length), start)
+            print_json(guarded(entries(drv, start, max_length)), start)
         else:
-            print_human(entries(drv, start, max_length))
+            print_human(guarded(entries(drv, start, max_length)))
     finally:
         drv.close()
     return 0
+
+
+def guarded(items):
+    """Turn a failure while reading the metadata into qemu-img's report."""
+    from imagetools.errors import ImageError
+    try:
+        yield from items
+    except ImageError as err:
+        raise metadata_error(err) from None
+
+
+def metadata_error(err) -> Reported:
+    """``Could not read file metadata: ...``, after the driver's own line if any.
+
+    QEMU's qcow2 driver prints its ``qcow2: Image is corrupt: ...`` line
+    itself (no program prefix) before the command reports the I/O error.
+    """
+    import os
+    from imagetools.errors import CorruptImageError
+    text = str(err)
+    if isinstance(err, CorruptImageError) or text.startswith("qcow2: "):
+        sys.stdout.flush()
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+        return Reported("Could not read file metadata: Input/output error")
+    errno = getattr(err, "errno", None)
+    reason = os.strerror(errno) if errno else text
+    return Reported(f"Could not read file metadata: {reason}")
 
 
 def entries(drv, start: int = 0, max_length: int = INT64_MAX):
