@@ -129,6 +129,9 @@ SAMPLES = {
     "qcow1.qcow": ("qcow", [["create", "-f", "qcow", "{f}", "4M"], "pattern"]),
     "qcow1-backed.qcow": ("qcow", [["create", "-f", "qcow", "-b", "ref.raw", "-F", "raw", "{f}"],
                                    ["io", "write -P 0xdd 2m 4k"]]),
+    # qemu-img 7.2 exits 1 without a message after this convert, the image is fine
+    "qcow1-compressed.qcow": ("qcow", [["convert!", "-c", "-f", "raw", "-O", "qcow", "ref.raw",
+                                        "{f}"]]),
     "qed.qed": ("qed", [["create", "-f", "qed", "{f}", "4M"], "pattern",
                         ["io", "write -z 2m 64k"]]),
     "qed-backed.qed": ("qed", [["create", "-f", "qed", "-b", "ref.raw", "-F", "raw", "{f}"],
@@ -186,8 +189,9 @@ def make_sample(out: Path, name: str) -> tuple[str, str]:
             io_run(str(path), fmt, *step[1:])
         else:
             args = [a.replace("{f}", name) for a in step]
-            cmd = ["qemu-img", args[0], "-q"] + args[1:]
+            tolerant = args[0].endswith("!")
+            cmd = ["qemu-img", args[0].rstrip("!"), "-q"] + args[1:]
             proc = run(*cmd, cwd=str(out), check=False)
-            if proc.returncode != 0:
+            if proc.returncode != 0 and not (tolerant and path.exists()):
                 pytest.fail(f"{' '.join(cmd)}: {proc.stderr.strip()}")
     return str(path), fmt
