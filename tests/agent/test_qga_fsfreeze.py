@@ -405,3 +405,25 @@ def test_hung_hook_is_killed_with_a_timeout(loop_mounts, tmp_path):
     finally:
         force_thaw(m1)
         agent.stop()
+
+
+@pytest.mark.root
+@pytest.mark.timeout(120)
+def test_nothing_is_logged_while_frozen(loop_mounts, tmp_path):
+    m1, _ = loop_mounts
+    log = tmp_path / "verbose.log"
+    agent = spawn_agent(QGA, tmp_path / "v", "qga", ["-v", "-l", str(log)], block=FREEZE_ALLOWED)
+    try:
+        client = agent.connect()
+        assert client.call(freeze_list([m1])) == b'{"return": 1}\n'
+        size = log.stat().st_size
+        for request in (b'{"execute":"guest-ping"}', b'{"execute":"guest-info"}',
+                        b'{"execute":"guest-get-osinfo"}', b"garbage\n"):
+            client.call(request)
+        assert log.stat().st_size == size, "the log was written while frozen"
+        assert "disabling logging due to filesystem freeze" in log.read_text()
+        assert client.call(b'{"execute":"guest-fsfreeze-thaw"}') == b'{"return": 1}\n'
+        assert "warning: logging re-enabled due to filesystem unfreeze" in log.read_text()
+    finally:
+        force_thaw(m1)
+        agent.stop()

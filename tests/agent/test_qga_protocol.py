@@ -203,3 +203,48 @@ def test_fast_path_reads_exactly_what_the_exact_reader_reads(value, compact):
 ])
 def test_fast_path_declines_what_it_cannot_read_exactly(data):
     assert fast_parse(data, 0) is None
+
+
+# ---------------------------------------------------------------- robustness fuzz
+
+from agent.commands import load_all  # noqa: E402
+from agent.context import Context  # noqa: E402
+from agent.dispatcher import Dispatcher  # noqa: E402
+from agent.platform import Platform  # noqa: E402
+
+from conftest import DANGEROUS  # noqa: E402
+
+load_all()
+
+_VALID = [b'{"execute":"guest-ping"}', b'{"execute":"guest-sync","arguments":{"id":5}}',
+          b"{'execute':'guest-info','id':[1,{'a':null}]}",
+          b'{"execute":"guest-file-seek","arguments":{"handle":1,"offset":-1,"whence":"cur"}}']
+
+
+@st.composite
+def _mutated(draw):
+    data = bytearray(draw(st.sampled_from(_VALID)) * draw(st.integers(1, 3)))
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["flip", "insert", "delete"]))
+        pos = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif op == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif data:
+            del data[pos]
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=200), _mutated()),
+       cut=st.integers(min_value=1, max_value=50))
+def test_random_and_mutated_streams_never_break_the_agent(data, cut):
+    proto = Protocol()
+    dispatcher = Dispatcher(Context(Platform()), blocked=DANGEROUS)
+    for start in range(0, len(data), cut):
+        for event in proto.feed(data[start:start + cut]):
+            reply = dispatcher.handle(event)
+            assert reply is None or reply.endswith(b"\n")
+    events = proto.feed(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":99}}')
+    assert dispatcher.handle(events[-1]) == b'\xff{"return": 99}\n'
