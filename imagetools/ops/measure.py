@@ -111,7 +111,9 @@ def measure(out_fmt: str, options: str | None = None, *, size: int | None = None
         method = getattr(cls, "measure", None)
         if method is None:
             raise Reported(f"Block driver '{out_fmt}' does not support size measurement")
-        return _result(method(opts.given_values(), source))
+        given = opts.given_values()
+        target_size = given.pop("size", None)
+        return _result(method(given, target_size, source))
     finally:
         if source is not None:
             source.close()
