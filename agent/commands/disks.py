@@ -117,9 +117,13 @@ def _nvme_smart(platform, node: str) -> dict | None:
     log = platform.nvme_smart_log(node)
     if log is None or len(log) < 192:
         return None
-    smart: dict = {"type": "nvme", "temperature": struct.unpack_from("<H", log, 1)[0]}
+    # built in schema member order: the -lo/-hi pairs share QDict buckets, so
+    # the order members are added decides the order they are printed in
+    smart: dict = {"type": "nvme"}
     for name, offset in _SMART_BYTES:
         smart[name] = log[offset]
+        if name == "critical-warning":
+            smart["temperature"] = struct.unpack_from("<H", log, 1)[0]
     for name, offset in _SMART_U128:
         lo, hi = struct.unpack_from("<QQ", log, offset)
         smart[f"{name}-lo"], smart[f"{name}-hi"] = lo, hi
