@@ -50,6 +50,7 @@ def io_error(what: str, err: OSError) -> ImageIOError:
     return ImageIOError(f"{what}: {err.strerror or err}", err.errno)
 
 
+_MAX_OFFSET = (1 << 63) - 1
 _copy_file_range_ok = hasattr(os, "copy_file_range")
 _NO_CFR = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
            errno.ETXTBSY, errno.EPERM)
@@ -128,6 +129,9 @@ class HostFile:
         except OSError as err:
             reason = f"Could not open '{filename}': {err.strerror}"
             raise ImageOpenError(filename, reason) from None
+        except ValueError:          # a NUL byte in a name read from an image
+            raise ImageOpenError(filename, f"Could not open '{filename}': Invalid argument") \
+                from None
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
@@ -192,8 +196,14 @@ class HostFile:
 
     # -- data ---------------------------------------------------------
 
+    def _range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > _MAX_OFFSET:
+            raise ImageIOError(f"Offset {offset:#x} (+{length:#x}) is out of range for "
+                               f"'{self.filename}'", errno.EINVAL)
+
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
+        self._range(offset, length)
         try:
             data = os.pread(self.fd, length, offset)
             if len(data) == length or not data:
@@ -221,6 +231,7 @@ class HostFile:
         """Fill ``view`` from ``offset``; zero-fills past end of file. Returns bytes read."""
         total = len(view)
         got = 0
+        self._range(offset, total)
         try:
             while got < total:
                 n = os.preadv(self.fd, [view[got:]], offset + got)
@@ -236,6 +247,7 @@ class HostFile:
         """Write all of ``data`` at ``offset``."""
         view = memoryview(data).cast("B")
         done = 0
+        self._range(offset, len(view))
         try:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
@@ -245,6 +257,7 @@ class HostFile:
     def pwritev(self, offset: int, buffers: list) -> None:
         """Write several buffers back to back starting at ``offset``."""
         total = sum(len(b) for b in buffers)
+        self._range(offset, total)
         try:
             n = os.pwritev(self.fd, buffers, offset)
         except OSError as err:

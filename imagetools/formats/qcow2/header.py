@@ -159,12 +159,12 @@ class Header:
     @property
     def backing_format(self) -> str | None:
         ext = self.extension(EXT_BACKING_FORMAT)
-        return ext.data.decode("utf-8", "replace") if ext else None
+        return _cstring(ext.data) if ext else None
 
     @property
     def data_file(self) -> str | None:
         ext = self.extension(EXT_DATA_FILE)
-        return ext.data.decode("utf-8", "replace") if ext else None
+        return _cstring(ext.data) if ext else None
 
     def feature_names(self) -> dict[tuple[int, int], str]:
         ext = self.extension(EXT_FEATURE_TABLE)
@@ -212,6 +212,11 @@ class Header:
         if len(out) > limit:
             raise ImageError("Cannot update the qcow2 header: it does not fit in one cluster")
         return bytes(out)
+
+
+def _cstring(data: bytes) -> str:
+    """A name stored in an extension, read as QEMU reads it (up to a NUL)."""
+    return data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def _u32(buf: bytes, off: int) -> int:
@@ -286,7 +291,8 @@ def parse_header(buf: bytes, file_length: int) -> Header:
         if n > min(QCOW_MAX_BACKING_NAME, cluster_size - h.backing_file_offset):
             raise CorruptImageError("Backing file name too long")
         raw = bytes(buf[h.backing_file_offset:h.backing_file_offset + n])
-        h.backing_file = raw.decode("utf-8", "surrogateescape")
+        # QEMU reads it as a C string: a NUL ends it
+        h.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
     for table, name in ((h.refcount_table_offset, "Reference count table"),
                         (h.l1_table_offset, "Active L1 table")):
         if table >= max(file_length, cluster_size) and (
