@@ -39,7 +39,7 @@ MAGIC2 = b"WithouFreSpacExt"
 VERSION = 2
 INUSE_MAGIC = 0x746F6E59
 HEADER = struct.Struct("<16sIIIIIQIIIQ")
-assert HEADER.size == 56
+assert HEADER.size == 64
 HEADER_BYTES = 64
 DEFAULT_CLUSTER_SIZE = 1 << 20
 HEADS = 16
