@@ -149,3 +149,64 @@ def test_locks_vanish_on_close(raw_image):
     assert held_bytes(path) == {LOCK_PERM_BASE}
     drv.close()
     assert held_bytes(path) == set()
+
+
+@pytest.fixture
+def qcow2_chain(qemu_img, tmp_path):
+    base = str(tmp_path / "base.qcow2")
+    top = str(tmp_path / "top.qcow2")
+    run(qemu_img, "create", "-q", "-f", "qcow2", base, "1M")
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    src = str(tmp_path / "src.raw")
+    create_image(src, "raw", 1 << 20, {})
+    return base, top, src
+
+
+def test_qcow2_beside_qemu_io_writer_behaves_like_qemu_img(qemu_img, qemu_io, qcow2_chain):
+    base, top, src = qcow2_chain
+    with qemu_io_holder(qemu_io, top, "qcow2"):
+        assert held_bytes(top) == {100, 101, 103, 201, 203}
+        for mode in MODES:
+            assert outcome_ours(top, "qcow2", **mode) == \
+                outcome_qemu_img(qemu_img, top, "qcow2", src, **mode), mode
+        # the backing file is open read-only: readers welcome, writers not
+        assert outcome_ours(base, "qcow2", read_only=True) == "ok"
+        assert outcome_ours(base, "qcow2", read_only=False) == \
+            outcome_qemu_img(qemu_img, base, "qcow2", src, read_only=False)
+        assert outcome_ours(base, "qcow2", read_only=False) != "ok"
+
+
+def test_qemu_refuses_qcow2_qimg_writes(qemu_img, qemu_io, qcow2_chain):
+    base, top, _ = qcow2_chain
+    with open_image(top, "qcow2", read_only=False):
+        assert held_bytes(top) == {100, 101, 103, 201, 203}
+        assert held_bytes(base) == {100, 201, 203}
+        proc = run(qemu_img, "info", top, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr == (f"qemu-img: Could not open '{top}': Failed to get shared "
+                               f"\"write\" lock\nIs another process using the image [{top}]?\n")
+        proc = run(qemu_io, "-f", "qcow2", "-c", "write 0 512", base, check=False)
+        assert proc.returncode == 1 and 'Failed to get "write" lock' in proc.stderr
+        assert run(qemu_img, "info", "-U", top).returncode == 0
+        assert run(qemu_io, "-r", "-f", "qcow2", "-c", "read 0 512", base).returncode == 0
+    assert held_bytes(top) == held_bytes(base) == set()
+
+
+@pytest.mark.slow
+def test_qcow2_disk_of_running_vm(qemu_img, qemu_system, qcow2_chain):
+    _, top, src = qcow2_chain
+    with vm_holder(qemu_system, top, "qcow2"):
+        for mode in MODES:
+            assert outcome_ours(top, "qcow2", **mode) == \
+                outcome_qemu_img(qemu_img, top, "qcow2", src, **mode), mode
+
+
+def test_create_refuses_an_image_in_use(qemu_img, qemu_io, qcow2_chain):
+    _, top, _ = qcow2_chain
+    before = open(top, "rb").read()
+    with qemu_io_holder(qemu_io, top, "qcow2"):
+        with pytest.raises(ImageLockedError) as err:
+            create_image(top, "qcow2", 1 << 20, {})
+        proc = run(qemu_img, "create", "-q", "-f", "qcow2", top, "1M", check=False)
+        assert proc.stderr == f"qemu-img: {top}: {err.value.reason}\n"
+    assert open(top, "rb").read() == before
