@@ -168,17 +168,21 @@ class MessageStream:
         self._state = _START
         return pos
 
+    def _take_run(self, data: bytes, pos: int, run: int) -> tuple[int, bool]:
+        """Add ``data[pos:run]`` to the token; (new position, cut by the size limit)."""
+        room = MAX_TOKEN_SIZE + 1 - len(self._token)
+        if run - pos >= room:
+            self._token += data[pos:pos + room]
+            self._oversize()
+            return pos + room, True
+        self._token += data[pos:run]
+        return run, False
+
     def _string(self, data: bytes, pos: int, end: int, state: int) -> int:
         run = (_DQ_RUN if state == _DQ else _SQ_RUN).match(data, pos).end()
         if run > pos:
-            room = MAX_TOKEN_SIZE + 1 - len(self._token)
-            if run - pos >= room:
-                self._token += data[pos:pos + room]
-                self._oversize()
-                return pos + room
-            self._token += data[pos:run]
-            pos = run
-            if pos >= end:
+            pos, cut = self._take_run(data, pos, run)
+            if cut or pos >= end:
                 return pos
         byte = data[pos]
         quote = 0x22 if state == _DQ else 0x27
@@ -196,13 +200,7 @@ class MessageStream:
         if state in (_DIGITS, _MANTISSA_DIGITS, _EXP_DIGITS, _KEYWORD):
             run = (_KEYWORD_RUN if state == _KEYWORD else _DIGIT_RUN).match(data, pos).end()
             if run > pos:
-                room = MAX_TOKEN_SIZE + 1 - len(self._token)
-                if run - pos >= room:
-                    self._token += data[pos:pos + room]
-                    self._oversize()
-                    return pos + room
-                self._token += data[pos:run]
-                return run
+                return self._take_run(data, pos, run)[0]
         if state == _ZERO and _D0 <= byte <= _D9:
             return self._error(byte, pos)  # no leading zeros
         nxt = _TRANSITIONS[state].get(byte)

@@ -63,46 +63,8 @@ def codepoint(data: bytes, pos: int) -> tuple[int, int]:
 _ASCII_RUN = re.compile(rb"[\x01-\x7f]+")
 
 
-def decode_lossy(data: bytes) -> str:
-    """What qemu-ga prints for the C string ``data``.
-
-    The string ends at the first NUL byte, as a C string does; every invalid
-    sequence becomes one U+FFFD.
-    """
-    nul = data.find(b"\0")
-    if nul >= 0:
-        data = data[:nul]
-    if data.isascii():
-        return data.decode("ascii")
-    out: list[str] = []
-    pos = 0
-    n = len(data)
-    while pos < n:
-        run = _ASCII_RUN.match(data, pos)
-        if run:
-            out.append(run.group().decode("ascii"))
-            pos = run.end()
-            continue
-        cp, pos = codepoint(data, pos)
-        out.append(REPLACEMENT if cp < 0 else chr(cp))
-    return "".join(out)
-
-
-def decode_strict(data: bytes) -> str | None:
-    """Decode modified UTF-8, or None if any sequence is invalid.
-
-    C0 80 decodes to U+0000.  NUL bytes are not expected (the lexer never
-    lets them into a string).
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None:
-        if _needs_noncharacter_check(text) and _has_noncharacter(text):
-            return None
-        return text
-    # Slow path: C0 80 (or an invalid sequence, which then fails).
+def _decode(data: bytes, strict: bool) -> str | None:
+    """Sequence by sequence; an invalid one is U+FFFD, or None when strict."""
     out: list[str] = []
     pos = 0
     n = len(data)
@@ -114,9 +76,42 @@ def decode_strict(data: bytes) -> str | None:
             continue
         cp, pos = codepoint(data, pos)
         if cp < 0:
-            return None
-        out.append(chr(cp))
+            if strict:
+                return None
+            out.append(REPLACEMENT)
+        else:
+            out.append(chr(cp))
     return "".join(out)
+
+
+def decode_lossy(data: bytes) -> str:
+    """What qemu-ga prints for the C string ``data``.
+
+    The string ends at the first NUL byte, as a C string does; every invalid
+    sequence becomes one U+FFFD.
+    """
+    nul = data.find(b"\0")
+    if nul >= 0:
+        data = data[:nul]
+    if data.isascii():
+        return data.decode("ascii")
+    return _decode(data, strict=False) or ""
+
+
+def decode_strict(data: bytes) -> str | None:
+    """Decode modified UTF-8, or None if any sequence is invalid.
+
+    C0 80 decodes to U+0000.  NUL bytes are not expected (the lexer never
+    lets them into a string).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        # C0 80, or an invalid sequence (which then fails)
+        return _decode(data, strict=True)
+    if not text.isascii() and _NONCHAR.search(text):
+        return None
+    return text
 
 
 _NONCHAR = re.compile("[\ufdd0-\ufdef\ufffe\uffff\U0001fffe\U0001ffff\U0002fffe\U0002ffff"
@@ -125,14 +120,6 @@ _NONCHAR = re.compile("[\ufdd0-\ufdef\ufffe\uffff\U0001fffe\U0001ffff\U0002fffe\
                       "\U0009fffe\U0009ffff\U000afffe\U000affff\U000bfffe\U000bffff"
                       "\U000cfffe\U000cffff\U000dfffe\U000dffff\U000efffe\U000effff"
                       "\U000ffffe\U000fffff\U0010fffe\U0010ffff]")
-
-
-def _needs_noncharacter_check(text: str) -> bool:
-    return not text.isascii()
-
-
-def _has_noncharacter(text: str) -> bool:
-    return _NONCHAR.search(text) is not None
 
 
 def replace_noncharacters(text: str) -> str:
