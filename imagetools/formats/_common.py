@@ -630,3 +630,59 @@ def write_zeroes_plain(cmap: ClusterMap, offset: int, length: int, *,
 
 def unsupported_write(fmt: str) -> UnsupportedError:
     return UnsupportedError(f"The {fmt} format is read-only")
+
+
+class ReadOnlyDriver(MappedDriver):
+    """A format QEMU only reads and has no block status for (bochs, cloop, dmg).
+
+    Opening for writing fails as QEMU's does; block status is one data
+    extent without offsets (QEMU's generic answer for such drivers), and
+    there is no cluster size or dirty flag (no driver info) to report.
+    """
+
+    @classmethod
+    def open_file(cls, filename: str, *, read_only: bool, force_share: bool):
+        from imagetools.formats.hostfile import HostFile
+        if not read_only:
+            raise ImageOpenError(filename, "Image is read-only")
+        return HostFile.open(filename, read_only=True, force_share=force_share)
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
+             probed: bool = False) -> "ReadOnlyDriver":
+        file = cls.open_file(filename, read_only=read_only, force_share=force_share)
+        try:
+            return cls(file)
+        except ImageOpenError:
+            file.close()
+            raise
+        except ImageError as err:
+            file.close()
+            raise ImageOpenError(filename, str(err)) from None
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
+        raise UnsupportedError(f"Format driver '{cls.format_name}' does not support image "
+                               "creation")
+
+    def __init__(self, file) -> None:
+        super().__init__(file, read_only=True)
+
+    def is_dirty(self) -> None:
+        return None
+
+    def block_status(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        if length is None:
+            length = self._size - offset
+        self._check_range(offset, length)
+        if length:
+            yield Extent(offset, length, True, False, True, None, 0, self.filename)
+
+    def write(self, offset: int, data) -> None:
+        self._writable()
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        self._writable()

@@ -165,6 +165,9 @@ SAMPLES = {
     "vmdk-child.vmdk": ("vmdk", [["create", "-f", "vmdk", "-b", "vmdk-sparse.vmdk", "-F", "vmdk",
                                   "{f}"], ["io", "write -P 0xdd 2m 4k"]]),
     "parallels.hds": ("parallels", [["create", "-f", "parallels", "{f}", "4M"], "pattern"]),
+    "bochs-growing.img": ("bochs", [["copy"]]),
+    "cloop.cloop": ("cloop", [["copy"]]),
+    "udif.dmg": ("dmg", [["copy"]]),
     "parallels-64k.hds": ("parallels", [["create", "-f", "parallels", "-o", "cluster_size=64k",
                                          "{f}", "4M"], "pattern"]),
 }
@@ -185,6 +188,9 @@ def make_sample(out: Path, name: str) -> tuple[str, str]:
     for step in steps:
         if step == "pattern":
             io_run(str(path), fmt, *pattern_cmds())
+        elif step[0] == "copy":
+            import shutil
+            shutil.copy(DATA / name, path)
         elif step[0] == "io":
             io_run(str(path), fmt, *step[1:])
         else:
