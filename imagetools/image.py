@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 from imagetools.errors import ImageError, ImageOpenError, UnsupportedError
 from imagetools.formats import PROBE_SIZE, driver as driver_class, probe

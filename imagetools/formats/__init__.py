@@ -29,7 +29,6 @@ API:
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
 from imagetools.formats.base import Driver, Extent
 
@@ -48,6 +47,7 @@ def drivers() -> dict[str, type[Driver]]:
     """Every format driver by its name (``"raw"``, ``"qcow2"``, ...)."""
     global _DRIVERS
     if _DRIVERS is None:
+        import pkgutil
         found: dict[str, type[Driver]] = {}
         for info in pkgutil.iter_modules(__path__):
             if info.name in ("base", "magic"):

@@ -41,9 +41,10 @@ against it keep working.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator
-
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from typing import Any, Callable, Iterator
+
     from imagetools.formats.qcow2.check import CheckResult
 
 

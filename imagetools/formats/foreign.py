@@ -7,7 +7,9 @@ writes into it as raw), and opening or creating it gives one clear error.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 from imagetools.errors import ImageOpenError, UnsupportedError
 from imagetools.formats import magic

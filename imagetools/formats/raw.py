@@ -23,7 +23,9 @@ probe the alignment, which is why ``disk size`` is 4 KiB.
 from __future__ import annotations
 
 import errno
-from typing import Any, Iterator
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 from imagetools.errors import ImageError, ImageIOError, UnsupportedError
 from imagetools.formats import magic

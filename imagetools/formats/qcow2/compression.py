@@ -13,7 +13,9 @@ returns a plain function that convert may run in worker threads.
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Callable
 
 from imagetools.errors import CorruptImageError, UnsupportedError
 from imagetools.formats.qcow2.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Iterator
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any, Iterator
 
 from imagetools.errors import (
     CorruptImageError, ImageError, ImageIOError, ImageOpenError, UnsupportedError)
@@ -121,8 +123,10 @@ class Qcow2Driver(Qcow2Writer, Driver):
                                    read_only=read_only)
         self.l2_cache = L2Cache(file, self.layout)
         self._open_data_file(filename)
-        from imagetools.formats.qcow2.snapshots import read_snapshots
-        self._snapshots = read_snapshots(file, h)
+        self._snapshots = []
+        if h.nb_snapshots:
+            from imagetools.formats.qcow2.snapshots import read_snapshots
+            self._snapshots = read_snapshots(file, h)
         self._bitmaps = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import Callable
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Callable
 
 from imagetools.errors import CorruptImageError, ImageError
 from imagetools.formats.hostfile import HostFile

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections import OrderedDict
 
 from imagetools.errors import CorruptImageError
 from imagetools.formats.hostfile import HostFile
@@ -51,13 +50,14 @@ class L2Cache:
         self.layout = layout
         self.words = layout.l2_entries * layout.l2_entry_words
         self.max_tables = max(16, max_bytes // layout.cluster_size)
-        self.tables: OrderedDict[int, L2Table] = OrderedDict()
+        #: insertion order is recency order (a hit moves a table to the end)
+        self.tables: dict[int, L2Table] = {}
         self.file_length = file.length()
 
     def get(self, offset: int) -> L2Table:
-        table = self.tables.get(offset)
+        table = self.tables.pop(offset, None)
         if table is not None:
-            self.tables.move_to_end(offset)
+            self.tables[offset] = table
             return table
         if offset % self.layout.cluster_size:
             raise CorruptImageError(f"L2 table offset {offset:#x} unaligned")

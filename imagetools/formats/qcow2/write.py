@@ -23,7 +23,9 @@ same map as qemu-io would for the same operations.
 from __future__ import annotations
 
 import errno
-from typing import Callable
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Callable
 
 from imagetools.errors import ImageError, ImageIOError
 from imagetools.formats.qcow2 import compression
