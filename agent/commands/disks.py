@@ -90,7 +90,11 @@ def _dependencies(platform, disk_dir: str) -> list[str] | None:
 def _partitions(platform, disk_name: str, disk_dir: str, disk_node: str) -> list[dict]:
     """``<disk>N`` and ``<disk>pN`` subdirectories, in directory order."""
     found = []
-    for entry in platform.scandir(disk_dir):
+    try:
+        entries = platform.scandir(disk_dir)
+    except OSError:
+        return found  # gone since it was listed
+    for entry in entries:
         rest = entry.name[len(disk_name):]
         if not entry.is_dir(follow_symlinks=False) or not entry.name.startswith(disk_name):
             continue

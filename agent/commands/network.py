@@ -12,6 +12,7 @@ import errno
 import socket
 
 from agent.commands.glibcompat import strerror
+from agent.errors import AgentError
 from agent.registry import command
 
 NET_DEV = "/proc/net/dev"
@@ -21,7 +22,11 @@ NET_DEV = "/proc/net/dev"
 def get_interfaces(ctx) -> list[dict]:
     platform = ctx.platform
     interfaces: dict[str, dict] = {}
-    for ifa in platform.getifaddrs():
+    try:
+        entries = platform.getifaddrs()
+    except OSError as err:
+        raise AgentError(f"getifaddrs failed: {strerror(err)}") from None
+    for ifa in entries:
         info = interfaces.setdefault(ifa.name, {"name": ifa.name})
         if "hardware-address" not in info:
             mac = _hardware_address(ctx, ifa.name)

@@ -14,7 +14,7 @@ import errno
 import os
 import stat
 
-from agent.commands.glibcompat import file_get_contents_error, strerror
+from agent.commands.glibcompat import file_get_contents_error, os_bytes, os_path, strerror
 from agent.errors import AgentError
 from agent.platform import ReplaceError
 from agent.registry import command
@@ -27,7 +27,7 @@ def _check_keys(keys: list[str]) -> None:
 
 
 def _user(ctx, username: str):
-    entry = ctx.platform.getpwnam(username)
+    entry = ctx.platform.getpwnam(os_path(username))
     if entry is None:
         # glibc leaves errno at 0 for "no such user": qemu-ga prints "Success"
         raise AgentError(f"failed to lookup user '{username}': Success")
@@ -39,26 +39,32 @@ def _paths(entry) -> tuple[str, str]:
     return ssh_dir, os.path.join(ssh_dir, "authorized_keys")
 
 
-def _read_lines(platform, path: str) -> list[str]:
+def _read_lines(platform, path: str) -> list[bytes]:
     """The file split on newlines, as g_strsplit does (a final newline gives a
     last empty line). Raises AgentError with GLib's reason."""
     try:
         st = platform.stat(path)
+    except OSError as err:
+        raise _read_error(path, err, "open") from None
+    try:
         data = platform.read_bytes(path)
     except OSError as err:
         if err.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ELOOP):
             stage = "open"
         else:
             stage = "read" if stat.S_ISREG(st.st_mode) else "stream"
-        reason = file_get_contents_error(path, err, stage)
-        raise AgentError(f"failed to read '{path}': {reason}") from None
+        raise _read_error(path, err, stage) from None
     if not data:
         return []  # g_strsplit("") is an empty list, not one empty line
-    return data.decode("utf-8", "surrogateescape").split("\n")
+    return data.split(b"\n")
 
 
-def _write_lines(platform, path: str, lines: list[str], entry) -> None:
-    data = "\n".join(lines).encode("utf-8", "surrogateescape")
+def _read_error(path: str, err: OSError, stage: str) -> AgentError:
+    return AgentError(f"failed to read '{path}': {file_get_contents_error(path, err, stage)}")
+
+
+def _write_lines(platform, path: str, lines: list[bytes], entry) -> None:
+    data = b"\n".join(lines)
     try:
         platform.replace_file(path, data)
     except ReplaceError as err:
@@ -108,9 +114,9 @@ def get_authorized_keys(ctx, username: str) -> dict:
     _ssh_dir, path = _paths(entry)
     keys = []
     for line in _read_lines(ctx.platform, path):
-        line = line.strip(" \t\n\r\f\v")
-        if line and not line.startswith("#"):
-            keys.insert(0, line)
+        line = line.strip()  # g_strstrip: ASCII white space
+        if line and not line.startswith(b"#"):
+            keys.insert(0, os.fsdecode(line))
     return {"keys": keys}
 
 
@@ -129,7 +135,7 @@ def add_authorized_keys(ctx, username: str, keys: list[str], reset: bool = False
         if not ctx.platform.is_dir(ssh_dir):
             _make_ssh_dir(ctx.platform, ssh_dir, entry)
         lines = []
-    for key in keys:
+    for key in map(os_bytes, keys):
         if key not in lines:
             lines.append(key)
     _write_lines(ctx.platform, path, lines, entry)
@@ -143,6 +149,7 @@ def remove_authorized_keys(ctx, username: str, keys: list[str]) -> dict:
     _ssh_dir, path = _paths(entry)
     if not ctx.platform.exists(path):
         return {}
+    unwanted = set(map(os_bytes, keys))
     lines = _read_lines(ctx.platform, path)
-    _write_lines(ctx.platform, path, [line for line in lines if line not in keys], entry)
+    _write_lines(ctx.platform, path, [line for line in lines if line not in unwanted], entry)
     return {}

@@ -8,6 +8,7 @@ numbers that differ by nature (process ids, file handles, counters).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -96,7 +97,7 @@ def test_errors_are_the_same_bytes(agents, request_):
 def test_file_session_is_the_same_bytes(agents, tmp_path):
     ours, theirs = agents
     target = tmp_path / "f.txt"
-    numbers = re.compile(rb'"return": \d+|"handle": \d+')
+    numbers = re.compile(rb"\"return\": \d+|handle '\d+'")
 
     def session(client):
         out = []
@@ -139,3 +140,24 @@ def test_exec_session_is_the_same_bytes(agents):
 def test_guest_info_lists_the_catalogue_like_qemu_ga(agents):
     ours, theirs = agents
     assert raw(ours, {"execute": "guest-info"}) == raw(theirs, {"execute": "guest-info"})
+
+
+def test_odd_strings_reach_the_os_as_qemu_ga_passes_them(agents, tmp_path):
+    """U+0000 travels as the bytes C0 80 (QEMU's modified UTF-8), other
+    characters as UTF-8: the same file names, errors and lookups."""
+    ours, theirs = agents
+    numbers = re.compile(rb'"return": \d+')
+    names = [r"x\u0000y", r"caf\u00e9", r"em\ud83d\ude00j"]
+    answers, listings = [], []
+    for client, sub in ((ours, "a"), (theirs, "b")):
+        (tmp_path / sub).mkdir()
+        replies = [numbers.sub(b"N", raw(client, (
+            '{"execute": "guest-file-open", "arguments": {"path": "%s/%s", "mode": "w"}}'
+            % (tmp_path / sub, name)).encode())) for name in names]
+        replies.append(raw(client, rb'{"execute": "guest-exec", "arguments": {"path": "/no/\u0000x"}}'))
+        replies.append(raw(client, rb'{"execute": "guest-ssh-get-authorized-keys", '
+                                   rb'"arguments": {"username": "a\u0000b"}}'))
+        answers.append(replies)
+        listings.append(sorted(os.listdir(os.fsencode(tmp_path / sub))))
+    assert answers[0] == answers[1]
+    assert listings[0] == listings[1] == [b"caf\xc3\xa9", b"em\xf0\x9f\x98\x80j", b"x\xc0\x80y"]
