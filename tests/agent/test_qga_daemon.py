@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import QGA, Client, spawn_agent, sync_marker
+from qga_harness import QGA, Client, spawn_agent, sync_marker
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -29,7 +29,7 @@ from agent.platform import HookRun, Mount, Platform
 from agent.protocol import Protocol
 from agent.timers import Scheduler
 
-from conftest import DANGEROUS, QGA, spawn_agent
+from qga_harness import DANGEROUS, QGA, spawn_agent
 
 load_all()
 

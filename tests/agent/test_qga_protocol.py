@@ -212,7 +212,7 @@ from agent.context import Context  # noqa: E402
 from agent.dispatcher import Dispatcher  # noqa: E402
 from agent.platform import Platform  # noqa: E402
 
-from conftest import DANGEROUS  # noqa: E402
+from qga_harness import DANGEROUS  # noqa: E402
 
 load_all()
 

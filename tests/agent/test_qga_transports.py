@@ -15,7 +15,7 @@ import pytest
 from agent.transports import ChannelError
 from agent.transports.vsock_listen import parse_address
 
-from conftest import QGA
+from qga_harness import QGA
 
 pytestmark = pytest.mark.timeout(60)
 
