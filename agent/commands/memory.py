@@ -93,7 +93,10 @@ def set_memory_blocks(ctx, mem_blks: list[dict]) -> list[dict]:
 
 
 def _set_block(platform, phys_index: int, online: bool) -> dict:
-    result = {"phys-index": phys_index, "response": "success"}
+    # a uint64 that QEMU's input visitor also takes as a negative int64: the
+    # answer echoes it unsigned, the sysfs path prints it signed (PRId64)
+    result = {"phys-index": phys_index & 0xFFFFFFFFFFFFFFFF, "response": "success"}
+    phys_index = phys_index - (1 << 64) if phys_index >= 1 << 63 else phys_index
 
     def failed(response: str, code: int) -> dict:
         result["response"] = response

@@ -405,6 +405,8 @@ def test_set_vcpus_and_memory_blocks_same_as_qemu_ga(qemu_ga, tmp_path):
             {"phys-index": 32, "online": True}, {"phys-index": 1, "online": False},
             {"phys-index": 0, "online": True}, {"phys-index": 99, "online": True}]}),
         req("guest-get-memory-blocks"),
+        req("guest-set-memory-blocks", **{"mem-blks": [  # uint64 given as int64, and huge
+            {"phys-index": -1, "online": True}, {"phys-index": 2**63, "online": False}]}),
     ]
     ours, theirs = both_agents(
         tmp_path, qemu_ga, requests, "--allow", "guest-set-vcpus",
