@@ -29,12 +29,12 @@ class ForeignDriver(Driver):
     def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
              probed: bool = False) -> Driver:
         raise ImageOpenError(filename, f"The '{cls.format_name}' image format is not "
-                             "supported by qimg yet (only raw and qcow2)")
+                             "supported by qimg yet")
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         raise UnsupportedError(f"Creating '{cls.format_name}' images is not supported by "
-                               "qimg yet (only raw and qcow2)")
+                               "qimg yet")
 
 
 def _make(name: str, backing: bool) -> type[ForeignDriver]:

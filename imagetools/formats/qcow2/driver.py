@@ -264,75 +264,93 @@ class Qcow2Driver(Qcow2Writer, Driver):
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         """The mapping of guest ``[offset, offset+length)`` as merged runs."""
+        for start, n, type_, host, entry in self._merged(offset, length):
+            yield Run(start, n, type_, host, entry)
+
+    def _merged(self, offset: int, length: int) -> Iterator[tuple]:
+        """(start, length, type, host, entry) runs, merged across L2 tables."""
         end = offset + length
         layout = self.layout
-        pending: Run | None = None
+        cov = layout.l2_coverage
+        p_start = p_len = p_type = p_host = p_entry = None
         pos = offset
         while pos < end:
-            l1i = layout.l1_index(pos)
-            slice_end = min(end, (l1i + 1) * layout.l2_coverage)
+            l1i = pos // cov
+            slice_end = min(end, (l1i + 1) * cov)
             values = self._l2_values(l1i)
             if values is None:
-                pieces = [(pos, slice_end - pos, UNALLOCATED_PLAIN, None, 0)]
+                pieces = ((pos, slice_end - pos, UNALLOCATED_PLAIN, None, 0),)
             else:
                 pieces = self._l2_pieces(values, pos, slice_end)
             for start, n, type_, host, entry in pieces:
-                if pending is not None and pending.type == type_ and type_ != COMPRESSED and \
-                        pending.start + pending.length == start and \
-                        (host is None or (pending.host is not None
-                                          and pending.host + pending.length == host)):
-                    pending.length += n
+                if p_type == type_ and type_ != COMPRESSED and p_start + p_len == start and \
+                        (host is None if p_host is None else
+                         host is not None and p_host + p_len == host):
+                    p_len += n
                     continue
-                if pending is not None:
-                    yield pending
-                pending = Run(start, n, type_, host, entry)
+                if p_type is not None:
+                    yield (p_start, p_len, p_type, p_host, p_entry)
+                p_start, p_len, p_type, p_host, p_entry = start, n, type_, host, entry
             pos = slice_end
-        if pending is not None:
-            yield pending
+        if p_type is not None:
+            yield (p_start, p_len, p_type, p_host, p_entry)
 
     def _l2_pieces(self, values, pos: int, end: int) -> list[tuple]:
-        """(start, length, type, host, entry) for each (sub)cluster piece of one L2 slice."""
+        """(start, length, type, host, entry) pieces of one L2 slice.
+
+        Consecutive clusters whose entries differ only by a contiguous host
+        offset (or are equal zero entries) come back as one piece.
+        """
         layout = self.layout
         cs = self._cluster_size
         cbits = self.cluster_bits
         out: list[tuple] = []
-        ext = layout.extended_l2
+        append = out.append
+        if layout.extended_l2:
+            mask = layout.l2_entries - 1
+            ci, last = pos >> cbits, (end - 1) >> cbits
+            while ci <= last:
+                idx = ci & mask
+                cstart = ci << cbits
+                self._subcluster_pieces(values[2 * idx], values[2 * idx + 1], cstart,
+                                        max(pos, cstart), min(end, cstart + cs), append)
+                ci += 1
+            return out
         mask = layout.l2_entries - 1
         ci = pos >> cbits
-        last = (end - 1) >> cbits
-        append = out.append
+        table_base = (ci & ~mask) << cbits
+        idx = ci & mask
+        lim = ((end - 1) >> cbits) & mask
         cluster_type = layout.cluster_type
-        while ci <= last:
-            idx = ci & mask
-            cstart = ci << cbits
-            s = max(pos, cstart)
-            e = min(end, cstart + cs)
-            if not ext:
-                entry = values[idx]
-                if entry == 0:
-                    # skip a stretch of unallocated entries in one step
-                    j = idx + 1
-                    lim = last & mask
-                    while j <= lim and values[j] == 0:
-                        j += 1
-                    table_base = cstart - idx * cs
-                    stop = min(end, table_base + j * cs)
-                    append((s, stop - s, UNALLOCATED_PLAIN, None, 0))
-                    ci = (table_base + j * cs) >> cbits
-                    continue
+        while idx <= lim:
+            entry = values[idx]
+            cstart = table_base + idx * cs
+            s = pos if pos > cstart else cstart
+            j = idx + 1
+            if entry == 0:
+                while j <= lim and values[j] == 0:
+                    j += 1
+                type_ = UNALLOCATED_PLAIN
+                host = None
+            else:
                 type_ = cluster_type(entry)
                 if type_ in (NORMAL, ZERO_ALLOC):
+                    expect = entry + cs
+                    while j <= lim and values[j] == expect:
+                        expect += cs
+                        j += 1
                     host = (entry & L2E_OFFSET_MASK) + (s - cstart)
-                    append((s, e - s, type_, host, entry))
                 elif type_ == COMPRESSED:
-                    append((s, e - s, COMPRESSED, None, entry))
+                    host = None
                 else:
-                    append((s, e - s, type_, None, entry))
-            else:
-                entry = values[2 * idx]
-                bitmap = values[2 * idx + 1]
-                self._subcluster_pieces(entry, bitmap, cstart, s, e, append)
-            ci += 1
+                    while j <= lim and values[j] == entry:
+                        j += 1
+                    host = None
+            stop = table_base + j * cs
+            if stop > end:
+                stop = end
+            append((s, stop - s, type_, host, entry))
+            idx = j
         return out
 
     def _subcluster_pieces(self, entry: int, bitmap: int, cstart: int, s: int, e: int,
@@ -460,24 +478,21 @@ class Qcow2Driver(Qcow2Writer, Driver):
         data_file = self.data_file or self.file
         crypt = self.encrypted
         recurse = self._metadata_preallocated()
-        for run in self.runs(offset, length):
-            t = run.type
+        for start, n, t, host, _ in self._merged(offset, length):
             if t == NORMAL:
                 if recurse and not crypt:
-                    yield from self._recurse_file(run, data_file, data_name)
+                    yield from self._recurse_file(Run(start, n, t, host), data_file, data_name)
                 else:
-                    yield Extent(run.start, run.length, True, False, True,
-                                 None if crypt else run.host, 0, data_name)
+                    yield Extent(start, n, True, False, True, None if crypt else host, 0,
+                                 data_name)
             elif t == COMPRESSED:
-                yield Extent(run.start, run.length, True, False, True, None, 0, data_name,
-                             compressed=True)
+                yield Extent(start, n, True, False, True, None, 0, data_name, True)
             elif t == ZERO_PLAIN:
-                yield Extent(run.start, run.length, True, True, False, None, 0, None)
+                yield Extent(start, n, True, True, False, None, 0, None)
             elif t == ZERO_ALLOC:
-                yield Extent(run.start, run.length, True, True, False,
-                             None if crypt else run.host, 0, data_name)
+                yield Extent(start, n, True, True, False, None if crypt else host, 0, data_name)
             else:
-                yield from self._backing_status(run, data_name)
+                yield from self._backing_status(Run(start, n, t, host), data_name)
 
     def _backing_status(self, run: Run, data_name: str) -> Iterator[Extent]:
         """Status of a run this image does not allocate (as qemu-img map sees it).
@@ -520,12 +535,19 @@ class Qcow2Driver(Qcow2Writer, Driver):
             real_clusters = file.allocated() // self._cluster_size
             threshold = max(real_clusters * 10 // 9, real_clusters + 2)
             end_cluster = -(-file.length() // self._cluster_size)
+            if end_cluster < threshold:
+                # fewer clusters in the file than the threshold: cannot be
+                self._prealloc_detected = False
+                return False
             count = 0
-            i = 0
-            while i < end_cluster and count < threshold:
-                if self.refcounts.get(i):
-                    count += 1
-                i += 1
+            entries = self.layout.refblock_entries
+            index = 0
+            while index * entries < end_cluster and count < threshold:
+                blk = self.refcounts._load(index)
+                if blk is not None:
+                    vals = blk.values[:end_cluster - index * entries]
+                    count += len(vals) - vals.count(0)
+                index += 1
             self._prealloc_detected = count >= threshold
         return self._prealloc_detected
 
