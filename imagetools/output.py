@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from imagetools.errors import ImageError
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import signal
 import struct
 import sys
-from typing import TextIO
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 _F32 = struct.Struct("f")
 

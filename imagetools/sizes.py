@@ -17,7 +17,6 @@ two-line "Invalid NAME specified" message and range checks.
 from __future__ import annotations
 
 import math
-import re
 
 from imagetools.errors import ImageError
 from imagetools.output import Reported, warn
@@ -71,7 +70,21 @@ def strtou64(text: str, base: int) -> tuple[int, int]:
     return value, i
 
 
-_FRACTION = re.compile(r"\.(\d*)([eE][+-]?\d+)?")
+def _fraction(text: str, dot: int) -> tuple[str, bool, int]:
+    """At ``text[dot] == '.'``: (digits after the dot, exponent follows, end of digits)."""
+    end = dot + 1
+    while end < len(text) and text[end].isdigit() and text[end].isascii():
+        end += 1
+    exp = end
+    if exp < len(text) and text[exp] in "eE":
+        exp += 1
+        if exp < len(text) and text[exp] in "+-":
+            exp += 1
+        start = exp
+        while exp < len(text) and text[exp].isdigit() and text[exp].isascii():
+            exp += 1
+        return text[dot + 1:end], exp > start, end
+    return text[dot + 1:end], False, end
 
 
 def parse_size(text: str, default_suffix: str = "B", unit: int = 1024) -> int:
@@ -87,15 +100,15 @@ def parse_size(text: str, default_suffix: str = "B", unit: int = 1024) -> int:
             raise SizeError(text)
         hexadecimal = True
     elif text[end:end + 1] == ".":
-        match = _FRACTION.match(text, end)
-        if match.group(1) or match.group(2):
-            if match.group(2) and match.group(1):
+        digits, exponent, digits_end = _fraction(text, end)
+        if digits or exponent:
+            if exponent and digits:
                 raise SizeError(text)
-            if match.group(1):
-                scaled = float("0." + match.group(1)) * 18446744073709551616.0
+            if digits:
+                scaled = float("0." + digits) * 18446744073709551616.0
                 # C's cast of an out-of-range double gives 0 on x86-64.
                 fraction = int(scaled) if scaled < _U64 else 0
-                end = match.end(1)
+                end = digits_end
             else:
                 end += 1
         else:

@@ -18,7 +18,9 @@ Usage::
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator, Sequence
 
 from imagetools.errors import UsageError
 

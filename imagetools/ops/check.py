@@ -13,7 +13,9 @@ be completed, 63 the format has no check.
 from __future__ import annotations
 
 import sys
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from imagetools.ops.args import Getopt, usage_error
 from imagetools.output import Reported

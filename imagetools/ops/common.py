@@ -8,7 +8,7 @@ errors with the driver's own text; qemu-img prefixes ``Could not open
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+TYPE_CHECKING = False
 
 from imagetools.errors import ImageError
 from imagetools.output import Reported
@@ -66,15 +66,20 @@ def parse_image_opts(text: str, fmt: str | None) -> tuple[str, str | None]:
 
 def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
                force_share: bool = False, image_opts: bool = False,
-               open_backing: bool = True, exit_code: int = 1) -> "Driver":
-    """Open an image (and its backing chain) as qemu-img's img_open would."""
+               open_backing: bool = True, exit_code: int = 1,
+               cache: str | None = None) -> "Driver":
+    """Open an image (and its backing chain) as qemu-img's img_open would.
+
+    ``cache`` is a qemu-img cache mode (-t/-T); "unsafe" never syncs.
+    """
     display = filename
     if image_opts:
         filename, fmt = parse_image_opts(filename, fmt)
     from imagetools import image
     try:
+        extra = {} if cache is None else {"cache": "none" if cache == "off" else cache}
         return image.open_image(filename, fmt, read_only=read_only, force_share=force_share,
-                                open_backing=open_backing)
+                                open_backing=open_backing, **extra)
     except ImageError as err:
         raise open_error(display, err, exit_code) from None
     except OSError as err:

@@ -231,7 +231,7 @@ def _create_target(job: ConvertJob, opts) -> None:
 def _open_target(job: ConvertJob):
     from imagetools.ops.common import open_image
     return open_image(job.target, job.out_fmt, read_only=False,
-                      image_opts=job.target_image_opts)
+                      image_opts=job.target_image_opts, cache=job.cache)
 
 
 def _can_compress(drv) -> bool:
@@ -388,6 +388,8 @@ class Copier:
         allocated = sum(n for _, n, _ in counted)
         self.stats.allocated_bytes = allocated * SECTOR
         done = 0
+        reads = [(sector, n) for sector, n, status in plan if status == BLK_DATA]
+        reader = _Prefetch(self, reads, self.buf_sectors * SECTOR) if reads else None
         writer = _CompressedWriter(self.target) if self.compressed else None
         try:
             for sector, n, status in plan:
@@ -395,27 +397,30 @@ class Copier:
                     done += n
                     if progress is not None:
                         progress(done, allocated)
-                self._copy_chunk(sector, n, status, writer)
+                if status == BLK_DATA:
+                    buf = reader.get()
+                    try:
+                        self._copy_data(sector, n, memoryview(buf)[:n * SECTOR], writer)
+                    finally:
+                        reader.release(buf)
+                elif status == BLK_ZERO and self.min_sparse:
+                    self._zero(sector, n, writer)
+                elif status == BLK_ZERO:
+                    self._copy_data(sector, n, memoryview(bytes(n * SECTOR)), writer)
         finally:
+            if reader is not None:
+                reader.close()
             if writer is not None:
                 writer.finish()
                 self.stats.compressed_clusters = writer.clusters
         return self.stats
 
-    def _copy_chunk(self, sector: int, n: int, status: str, writer) -> None:
-        if status == BLK_BACKING_FILE:
-            return
-        if status == BLK_ZERO and self.min_sparse:
-            self._zero(sector, n, writer)
-            return
-        if status == BLK_ZERO:
-            buf = bytes(n * SECTOR)
-        else:
-            buf = self._read(sector, n)
+    def _copy_data(self, sector: int, n: int, buf: memoryview, writer) -> None:
+        """Write one chunk of data, leaving its zero sectors sparse (``-S``)."""
         self._throttle(n * SECTOR)
         if writer is not None:
-            from imagetools.ops.zeroscan import is_zero
-            if self.min_sparse and is_zero(buf):
+            from imagetools.ops.zeroscan import range_is_zero
+            if self.min_sparse and range_is_zero(buf.obj, 0, n * SECTOR):
                 self._zero(sector, n, writer)
             else:
                 writer.submit(sector * SECTOR, buf)
@@ -424,18 +429,19 @@ class Copier:
             self._write(sector, buf)
             return
         from imagetools.ops.zeroscan import is_allocated_sectors_min
+        data = buf.obj
         first = 0
         while first < n:
-            allocated, count = is_allocated_sectors_min(buf, first, n - first, self.min_sparse,
+            allocated, count = is_allocated_sectors_min(data, first, n - first, self.min_sparse,
                                                         sector + first, self.alignment)
             if allocated:
-                self._write(sector + first, memoryview(buf)[first * SECTOR:(first + count) * SECTOR])
+                self._write(sector + first, buf[first * SECTOR:(first + count) * SECTOR])
             else:
                 self._zero(sector + first, count, None)
             first += count
 
-    def _read(self, sector: int, n: int) -> bytearray:
-        buf = bytearray(n * SECTOR)
+    def read_into(self, sector: int, n: int, buf: bytearray) -> None:
+        """Fill ``buf`` with ``n`` sectors of the concatenated sources from ``sector``."""
         view = memoryview(buf)
         pos = 0
         while pos < n:
@@ -446,14 +452,16 @@ class Copier:
             count = min(n - pos, part_sectors - (sector + pos - part_start))
             offset = (sector + pos - part_start) * SECTOR
             length = min(count * SECTOR, src.size - offset)
+            piece = view[pos * SECTOR:pos * SECTOR + length]
             try:
-                src.read_into(offset, view[pos * SECTOR:pos * SECTOR + length])
+                src.read_into(offset, piece)
             except ImageError as err:
                 if not self.job.salvage:
                     raise Reported(f"error while reading at byte {offset}: {err}") from None
-                self._salvage(src, offset, view[pos * SECTOR:pos * SECTOR + length])
+                self._salvage(src, offset, piece)
+            if length < count * SECTOR:
+                view[pos * SECTOR + length:(pos + count) * SECTOR] = bytes(count * SECTOR - length)
             pos += count
-        return buf
 
     def _salvage(self, src, offset: int, view: memoryview) -> None:
         for at in range(0, len(view), SECTOR):
@@ -493,6 +501,55 @@ class Copier:
             time.sleep(delay)
 
 
+class _Prefetch:
+    """Reads the plan's data chunks ahead in a thread, in order.
+
+    Reading and writing are system calls that release the GIL, so the next
+    chunk is read while the current one is scanned and written (qemu-img
+    gets the same overlap from its I/O threads). A few buffers are reused
+    so that no memory is allocated per chunk.
+    """
+
+    def __init__(self, copier: "Copier", chunks: list[tuple[int, int]], size: int,
+                 depth: int = 3) -> None:
+        import queue
+        import threading
+        self.free: "queue.Queue" = queue.Queue()
+        self.ready: "queue.Queue" = queue.Queue()
+        for _ in range(depth + 1):
+            self.free.put(bytearray(size))
+        self._stop = False
+        self._copier = copier
+        self._thread = threading.Thread(target=self._work, args=(chunks,), daemon=True,
+                                        name="qimg-reader")
+        self._thread.start()
+
+    def _work(self, chunks: list[tuple[int, int]]) -> None:
+        try:
+            for sector, n in chunks:
+                buf = self.free.get()
+                if self._stop:
+                    return
+                self._copier.read_into(sector, n, buf)
+                self.ready.put((buf, None))
+        except BaseException as err:          # handed to the main thread
+            self.ready.put((None, err))
+
+    def get(self) -> bytearray:
+        buf, err = self.ready.get()
+        if err is not None:
+            raise err
+        return buf
+
+    def release(self, buf: bytearray) -> None:
+        self.free.put(buf)
+
+    def close(self) -> None:
+        self._stop = True
+        self.free.put(bytearray(0))
+        self._thread.join()
+
+
 def pad_to_sector(filename: str) -> None:
     """qemu-img ends a compressed image at a whole sector: pad the closed file."""
     try:
@@ -526,7 +583,7 @@ class _CompressedWriter:
         self.clusters = 0
 
     def submit(self, offset: int, data) -> None:
-        data = bytes(data)
+        data = bytes(data)          # the caller reuses its buffer
         self.pending.append((offset, data, self.pool.submit(self.compress, data)))
         while len(self.pending) > self.window:
             self._store_one()

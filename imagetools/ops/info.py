@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from imagetools.ops.args import Getopt, usage_error
 from imagetools.output import Reported

@@ -15,8 +15,6 @@ qemu-img's own layout, not through the pretty printer.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-
 from imagetools.ops.args import Getopt, usage_error
 from imagetools.output import Reported
 
@@ -28,16 +26,17 @@ LONG = [("help", 0, "h"), ("format", 1, "f"), ("output", 1, "output"),
 INT64_MAX = (1 << 63) - 1
 
 
-@dataclass
 class MapEntry:
-    start: int
-    length: int
-    depth: int = 0
-    present: bool = False
-    zero: bool = False
-    data: bool = False
-    offset: int | None = None
-    filename: str | None = None
+    """One line of qemu-img map (mutable: the human form rewrites flags)."""
+
+    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
+
+    def __init__(self, start: int, length: int, depth: int = 0, present: bool = False,
+                 zero: bool = False, data: bool = False, offset: int | None = None,
+                 filename: str | None = None) -> None:
+        self.start, self.length, self.depth = start, length, depth
+        self.present, self.zero, self.data = present, zero, data
+        self.offset, self.filename = offset, filename
 
     def mergeable(self, nxt: "MapEntry") -> bool:
         if self.length == 0:
@@ -80,22 +79,19 @@ def main(argv: list[str]) -> int:
     drv = open_image(rest[0], fmt, read_only=True, force_share=force_share,
                      image_opts=image_opts)
     try:
-        if mode == "json":
-            print_json(guarded(entries(drv, start, max_length)), start)
-        else:
-            print_human(guarded(entries(drv, start, max_length)))
+        from imagetools.errors import ImageError
+        try:
+            if mode == "json":
+                print_json(entries(drv, start, max_length), start)
+            else:
+                print_human(entries(drv, start, max_length))
+        except Reported:
+            raise
+        except ImageError as err:
+            raise metadata_error(err) from None
     finally:
         drv.close()
     return 0
-
-
-def guarded(items):
-    """Turn a failure while reading the metadata into qemu-img's report."""
-    from imagetools.errors import ImageError
-    try:
-        yield from items
-    except ImageError as err:
-        raise metadata_error(err) from None
 
 
 def metadata_error(err) -> Reported:
@@ -118,20 +114,28 @@ def metadata_error(err) -> Reported:
 
 
 def entries(drv, start: int = 0, max_length: int = INT64_MAX):
-    """Unmerged MapEntry values for ``[start, start+max_length)`` of the image."""
+    """The image's block status for ``[start, start+max_length)``, unmerged."""
     end = min(start + max_length, drv.size)
     if end <= start:
-        return
-    for ext in drv.block_status(start, end - start):
-        offset = ext.offset if ext.offset is not None and (ext.data or ext.zero) else None
-        yield MapEntry(ext.start, ext.length, ext.depth, ext.present, ext.zero, ext.data,
-                       offset, ext.filename if offset is not None else None)
+        return iter(())
+    return drv.block_status(start, end - start)
+
+
+def _fields(ext) -> tuple:
+    """(start, length, depth, present, zero, data, offset, file) of one extent,
+    with the offset (and file) only where qemu-img map shows one."""
+    offset = ext.offset
+    if offset is not None and not (ext.data or ext.zero):
+        offset = None
+    return (ext.start, ext.length, ext.depth, ext.present, ext.zero, ext.data, offset,
+            ext.filename if offset is not None else None)
 
 
 def merged(items, start: int = 0):
-    """Merge entries as qemu-img does; always yields at least one entry."""
+    """MapEntry values merged as qemu-img merges them (at least one entry)."""
     curr = MapEntry(start, 0)
-    for nxt in items:
+    for ext in items:
+        nxt = MapEntry(*_fields(ext))
         if curr.mergeable(nxt):
             curr.length += nxt.length
             continue
@@ -141,51 +145,83 @@ def merged(items, start: int = 0):
     yield curr
 
 
+_BOOL = ("false", "true")
+_BATCH = 4096
+
+
 def print_json(items, start: int = 0) -> None:
+    """qemu-img map's JSON, entry by entry in its own layout.
+
+    The loop merges runs inline and prints in batches: a fragmented image
+    has one entry per cluster, and this is where map spends its time.
+    """
     write = sys.stdout.write
-    write("[")
-    previous = None
-    for entry in merged(items, start):
-        if previous is not None:
-            write(_json_entry(previous) + ",\n")
-        previous = entry
-    write(_json_entry(previous) + "]\n")
+    lines: list[str] = []
+    head = "["
+    cs, cl, cd, cp, cz, cda, co, cf = start, 0, 0, False, False, False, None, None
+    try:
+        for ext in items:
+            s, l, d, p, z, da, o = (ext.start, ext.length, ext.depth, ext.present, ext.zero,
+                                    ext.data, ext.offset)
+            if o is not None and not (da or z):
+                o = None
+            f = ext.filename if o is not None else None
+            if (cl and z == cz and da == cda and d == cd and p == cp and f == cf
+                    and (co + cl == o if co is not None and o is not None
+                         else co is None and o is None)):
+                cl += l
+                continue
+            if cl:
+                lines.append(_json_line(cs, cl, cd, cp, cz, cda, co))
+                if len(lines) >= _BATCH:
+                    write(head + ",\n".join(lines) + ",\n")
+                    head, lines = "", []
+            cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+    except BaseException:
+        if lines:
+            write(head + ",\n".join(lines) + ",\n")
+        raise
+    lines.append(_json_line(cs, cl, cd, cp, cz, cda, co))
+    write(head + ",\n".join(lines) + "]\n")
 
 
-def _json_entry(e: MapEntry) -> str:
-    text = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, "data": %s'
-            % (e.start, e.length, e.depth, _b(e.present), _b(e.zero), _b(e.data)))
-    if e.offset is not None:
-        text += ', "offset": %d' % e.offset
-    return text + "}"
-
-
-def _b(value: bool) -> str:
-    return "true" if value else "false"
+def _json_line(s: int, l: int, d: int, p: bool, z: bool, da: bool, o: int | None) -> str:
+    if o is None:
+        return ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
+                '"data": %s}' % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da]))
+    return ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
+            '"data": %s, "offset": %d}' % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da], o))
 
 
 def print_human(items) -> None:
+    """qemu-img map's table: data ranges only, everything else merged as zero."""
     out = sys.stdout
-    out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+    lines = ["%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File")]
     curr = MapEntry(0, 0)
-    for nxt in items:
-        if curr.mergeable(nxt):
-            curr.length += nxt.length
-            continue
+    try:
+        for ext in items:
+            nxt = MapEntry(*_fields(ext))
+            if curr.mergeable(nxt):
+                curr.length += nxt.length
+                continue
+            if curr.length > 0:
+                _human_entry(curr, nxt, lines)
+                if len(lines) >= _BATCH:
+                    out.write("".join(lines))
+                    lines = []
+            curr = nxt
         if curr.length > 0:
-            _human_entry(curr, nxt)
-        curr = nxt
-    if curr.length > 0:
-        _human_entry(curr, None)
+            _human_entry(curr, None, lines)
+    finally:
+        out.write("".join(lines))
 
 
-def _human_entry(e: MapEntry, nxt: MapEntry | None) -> None:
+def _human_entry(e: MapEntry, nxt: MapEntry | None, lines: list[str]) -> None:
     if e.data and e.offset is None:
-        sys.stdout.flush()
         raise Reported("File contains external, encrypted or compressed clusters.")
     if e.data and not e.zero:
-        sys.stdout.write("%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length),
-                                                  _hex(e.offset or 0), e.filename or ""))
+        lines.append("%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length),
+                                               _hex(e.offset or 0), e.filename or ""))
     if nxt is not None and (not nxt.data or nxt.zero):
         nxt.data = False
         nxt.zero = True

@@ -13,7 +13,9 @@ bitmaps when both ends can hold them.
 from __future__ import annotations
 
 import sys
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 from imagetools.ops.args import Getopt
 from imagetools.output import Reported
