@@ -40,7 +40,8 @@ PROBE_SIZE = 2048
 _DRIVERS: dict[str, type[Driver]] | None = None
 
 #: format name -> module holding its driver (without importing everything)
-_MODULE_OF = {"raw": "raw", "qcow2": "qcow2"}
+_MODULE_OF = {name: name for name in ("raw", "qcow2", "qcow", "qed", "vdi", "vpc", "vhdx",
+                                      "vmdk", "parallels", "bochs", "cloop", "dmg")}
 
 
 def drivers() -> dict[str, type[Driver]]:

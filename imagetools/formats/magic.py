@@ -32,8 +32,7 @@ from __future__ import annotations
 import struct
 
 #: formats QEMU 7.2 knows that qimg recognises but cannot open yet
-FOREIGN_FORMATS = ("qcow", "qed", "vdi", "vmdk", "vpc", "vhdx", "parallels", "bochs",
-                   "cloop", "dmg", "luks")
+FOREIGN_FORMATS = ("luks",)
 
 _CLOOP_MAGIC = (b"#!/bin/sh\n#V2.0 Format\n"
                 b"modprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n")
