@@ -96,18 +96,24 @@ def _spawn_sync(ctx, argv: list[str]) -> int | None:
     return max(status, 0)  # WEXITSTATUS of a signalled child reads as 0
 
 
+def _run_to_success(ctx, argv: list[str]) -> bool:
+    """Run a suspend helper that must exit 0, with qemu-ga's error texts."""
+    status = _spawn_sync(ctx, argv)
+    label = " ".join(argv)
+    if status is None:
+        raise AgentError(f"the helper program '{label}' was not found")
+    if status:
+        raise AgentError(f"the helper program '{label}' returned an unexpected "
+                         f"exit status code ({status})")
+    return True
+
+
 def _systemd(ctx, mode: SuspendMode, probe: bool) -> bool:
     if probe:
         # LSB status codes: 1..3 mean the unit exists (3 = not running)
         status = _spawn_sync(ctx, ["systemctl", "status", mode.systemd_unit])
         return status is not None and 0 < status < 4
-    status = _spawn_sync(ctx, ["systemctl", mode.systemd_verb])
-    if status is None:
-        raise AgentError(f"the helper program 'systemctl {mode.systemd_verb}' was not found")
-    if status:
-        raise AgentError(f"the helper program 'systemctl {mode.systemd_verb}' returned an "
-                         f"unexpected exit status code ({status})")
-    return True
+    return _run_to_success(ctx, ["systemctl", mode.systemd_verb])
 
 
 def _pm_utils(ctx, mode: SuspendMode, probe: bool) -> bool:
@@ -117,13 +123,7 @@ def _pm_utils(ctx, mode: SuspendMode, probe: bool) -> bool:
             return status == 0
         raise AgentError("the helper program 'pm-is-supported' returned an unexpected "
                          f"exit status code ({status})")
-    status = _spawn_sync(ctx, [mode.pm_program])
-    if status is None:
-        raise AgentError(f"the helper program '{mode.pm_program}' was not found")
-    if status:
-        raise AgentError(f"the helper program '{mode.pm_program}' returned an unexpected "
-                         f"exit status code ({status})")
-    return True
+    return _run_to_success(ctx, [mode.pm_program])
 
 
 def _kernel(ctx, mode: SuspendMode, probe: bool) -> bool:

@@ -140,13 +140,17 @@ class AgentClient:
 
     def reply(self) -> dict:
         """The next response line."""
+        return json.loads(self.reply_line().lstrip(b"\xff"))
+
+    def reply_line(self) -> bytes:
+        """The next response line as bytes, its newline included."""
         while b"\n" not in self.pending:
             chunk = self.sock.recv(1 << 20)
             if not chunk:
                 raise ConnectionError("agent closed the connection")
             self.pending += chunk
         line, self.pending = self.pending.split(b"\n", 1)
-        return json.loads(line.lstrip(b"\xff"))
+        return line + b"\n"
 
     def request_maybe_silent(self, message: dict, marker: int) -> dict | None:
         """The reply to ``message``, or None when it answers nothing on success

@@ -35,13 +35,7 @@ def agents(reference_agent, tmp_path_factory):
 def raw(client, message) -> bytes:
     """The response line for one request, as bytes."""
     client.sock.sendall(message if isinstance(message, bytes) else json.dumps(message).encode())
-    while b"\n" not in client.pending:
-        chunk = client.sock.recv(1 << 20)
-        if not chunk:
-            raise ConnectionError("agent closed the connection")
-        client.pending += chunk
-    line, client.pending = client.pending.split(b"\n", 1)
-    return line + b"\n"
+    return client.reply_line()
 
 
 STABLE = ["guest-get-osinfo", "guest-get-host-name", "guest-get-timezone", "guest-get-users",
