@@ -110,6 +110,10 @@ class _Counter:
         bits = drv.layout.refcount_bits
         self.code = "B" if bits <= 8 else "H" if bits == 16 else "I" if bits == 32 else "Q"
         self.counts = array(self.code, bytes(array(self.code).itemsize * self.nb_clusters))
+        #: active L2 tables as read by the walk (reused by the COPIED check)
+        self.active_l2: dict[int, array] = {}
+        #: the stored refcounts, flat (filled by the comparison)
+        self.stored: array | None = None
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -150,7 +154,7 @@ def check_image(drv: "Qcow2Driver") -> CheckResult:
     counter = _Counter(drv, res)
     _calculate_refcounts(drv, res, counter)
     highest = _compare_refcounts(drv, res, counter)
-    _check_oflag_copied(drv, res)
+    _check_oflag_copied(drv, res, counter)
     res.image_end_offset = (highest + 1) * drv.cluster_size
     return res
 
@@ -264,69 +268,125 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     layout = drv.layout
     cs = drv.cluster_size
     ext = layout.extended_l2
-    words = read_be64_array(drv.file, l2_offset, layout.l2_entries * layout.l2_entry_words)
-    if l2_offset in drv.l2_cache.tables and l2_offset % cs == 0:
-        words = drv.l2_cache.tables[l2_offset].values
-    has_data_file = drv.data_file is not None
+    cached = drv.l2_cache.tables.get(l2_offset)
+    if cached is not None:
+        words = cached.values
+    else:
+        words = read_be64_array(drv.file, l2_offset, layout.l2_entries * layout.l2_entry_words)
+    if active:
+        counter.active_l2[l2_offset] = words
+    state = [0]                       # next contiguous host offset (fragmentation)
+    if ext or times != 1 or drv.data_file is not None:
+        step = 2 if ext else 1
+        for i in range(layout.l2_entries):
+            entry = words[i * step]
+            bitmap = words[i * step + 1] if ext else 0
+            if entry or bitmap:
+                _check_l2_entry(drv, res, counter, i, entry, bitmap, active, times, state)
+        return
+    # the common case, kept lean: standard entries, each referenced once
+    counts = counter.counts
+    ncount = len(counts)
+    maxv = counter.max
+    file_len = counter.file_len
+    cbits = drv.cluster_bits
+    csmask = cs - 1
+    odd = QCOW_OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK
+    allocated = fragmented = 0
     next_contiguous = 0
-    step = 2 if ext else 1
-    cluster_type = layout.cluster_type
-    for i in range(layout.l2_entries):
-        entry = words[i * step]
-        if not entry and (not ext or not words[i * step + 1]):
+    for i, entry in enumerate(words):
+        if not entry:
             continue
-        bitmap = words[i * step + 1] if ext else 0
-        type_ = cluster_type(entry)
-        if type_ != COMPRESSED and entry & L2E_STD_RESERVED_MASK:
-            res.report(f"ERROR found l2 entry with reserved bits set: {entry:x}")
-            res.corruptions += 1
-        if type_ == COMPRESSED:
-            if entry & QCOW_OFLAG_COPIED:
-                res.report(f"ERROR: coffset=0x{entry & layout.cluster_offset_mask:x}: copied "
-                           "flag must never be set for compressed clusters")
-                entry &= ~QCOW_OFLAG_COPIED
+        if entry & odd:
+            state[0] = next_contiguous
+            res.allocated_clusters += allocated
+            res.fragmented_clusters += fragmented
+            allocated = fragmented = 0
+            _check_l2_entry(drv, res, counter, i, entry, 0, active, 1, state)
+            next_contiguous = state[0]
+            counts = counter.counts
+            ncount = len(counts)
+            continue
+        offset = entry & L2E_OFFSET_MASK
+        if not offset:
+            continue                  # zero cluster or unallocated
+        if active:
+            allocated += 1
+            if next_contiguous and offset != next_contiguous:
+                fragmented += 1
+            next_contiguous = offset + cs
+        k = offset >> cbits
+        if offset & csmask or k >= ncount or offset >= file_len or counts[k] >= maxv:
+            if offset & csmask:
                 res.corruptions += 1
-            if has_data_file:
-                res.report(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
-                res.corruptions += 1
-                continue
-            if bitmap:
-                res.report(f"ERROR compressed cluster {i} with non-zero subcluster allocation "
-                           f"bitmap, entry=0x{entry:x}")
-                res.corruptions += 1
-                continue
-            coffset, csize = layout.compressed_range(entry)
-            counter.inc(coffset, csize, times)
-            if active:
-                res.allocated_clusters += times
-                res.compressed_clusters += times
-                res.fragmented_clusters += times
-        elif type_ in (NORMAL, ZERO_ALLOC):
-            offset = entry & L2E_OFFSET_MASK
-            if (bitmap >> 32) & bitmap:
-                res.corruptions += 1
-                res.report(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
-                           "allocation bitmap")
-            if offset % cs:
-                res.corruptions += 1
-                contains_data = bool(bitmap & 0xFFFFFFFF) if ext else \
-                    not entry & QCOW_OFLAG_ZERO
-                kind = "Data" if contains_data else "Preallocated"
+                kind = "Preallocated" if entry & QCOW_OFLAG_ZERO else "Data"
                 res.report(f"ERROR offset={offset:x}: {kind} cluster is not properly aligned; "
                            "L2 entry corrupted.")
-            if active:
-                res.allocated_clusters += times
-                if next_contiguous and offset != next_contiguous:
-                    res.fragmented_clusters += times
-                next_contiguous = offset + cs
-            if not has_data_file:
-                counter.inc(offset, cs, times)
-        elif type_ == UNALLOCATED_PLAIN:
-            if bitmap & 0xFFFFFFFF:
-                res.corruptions += 1
-                res.report("ERROR: Unallocated cluster has non-zero subcluster allocation map")
-        elif type_ == ZERO_PLAIN:
-            pass
+            counter.inc(offset, cs)
+            counts = counter.counts
+            ncount = len(counts)
+        else:
+            counts[k] += 1
+    res.allocated_clusters += allocated
+    res.fragmented_clusters += fragmented
+
+
+def _check_l2_entry(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, i: int,
+                    entry: int, bitmap: int, active: bool, times: int, state: list) -> None:
+    """One L2 entry, every rule (the slow path)."""
+    layout = drv.layout
+    cs = drv.cluster_size
+    ext = layout.extended_l2
+    has_data_file = drv.data_file is not None
+    type_ = layout.cluster_type(entry)
+    if type_ != COMPRESSED and entry & L2E_STD_RESERVED_MASK:
+        res.report(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+        res.corruptions += 1
+    if type_ == COMPRESSED:
+        if entry & QCOW_OFLAG_COPIED:
+            res.report(f"ERROR: coffset=0x{entry & layout.cluster_offset_mask:x}: copied "
+                       "flag must never be set for compressed clusters")
+            entry &= ~QCOW_OFLAG_COPIED
+            res.corruptions += 1
+        if has_data_file:
+            res.report(f"ERROR compressed cluster {i} with data file, entry=0x{entry:x}")
+            res.corruptions += 1
+            return
+        if bitmap:
+            res.report(f"ERROR compressed cluster {i} with non-zero subcluster allocation "
+                       f"bitmap, entry=0x{entry:x}")
+            res.corruptions += 1
+            return
+        coffset, csize = layout.compressed_range(entry)
+        counter.inc(coffset, csize, times)
+        if active:
+            res.allocated_clusters += times
+            res.compressed_clusters += times
+            res.fragmented_clusters += times
+    elif type_ in (NORMAL, ZERO_ALLOC):
+        offset = entry & L2E_OFFSET_MASK
+        if (bitmap >> 32) & bitmap:
+            res.corruptions += 1
+            res.report(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
+                       "allocation bitmap")
+        if offset % cs:
+            res.corruptions += 1
+            contains_data = bool(bitmap & 0xFFFFFFFF) if ext else \
+                not entry & QCOW_OFLAG_ZERO
+            kind = "Data" if contains_data else "Preallocated"
+            res.report(f"ERROR offset={offset:x}: {kind} cluster is not properly aligned; "
+                       "L2 entry corrupted.")
+        if active:
+            res.allocated_clusters += times
+            if state[0] and offset != state[0]:
+                res.fragmented_clusters += times
+            state[0] = offset + cs
+        if not has_data_file:
+            counter.inc(offset, cs, times)
+    elif type_ == UNALLOCATED_PLAIN:
+        if bitmap & 0xFFFFFFFF:
+            res.corruptions += 1
+            res.report("ERROR: Unallocated cluster has non-zero subcluster allocation map")
 
 
 def _check_refblocks(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
@@ -378,6 +438,8 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
     n = counter.nb_clusters
     index = 0
     zero_block = None
+    flat = array(counts.typecode)
+    counter.stored = flat
     while index * entries < n:
         lo = index * entries
         hi = min(n, lo + entries)
@@ -387,6 +449,7 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
             for i in range(lo, hi):
                 res.report(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += 1
+            flat.extend(array(counts.typecode, bytes(counts.itemsize * (hi - lo))))
             index += 1
             continue
         if stored is None:
@@ -395,6 +458,7 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
             stored_part = zero_block
         else:
             stored_part = stored[:hi - lo]
+        flat.extend(stored_part)
         if stored_part == computed:
             raw = computed.tobytes().rstrip(b"\0")
             if raw:
@@ -418,42 +482,54 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
     return highest
 
 
-def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult) -> None:
+def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
     layout = drv.layout
     rc = drv.refcounts
     cbits = drv.cluster_bits
     has_data_file = drv.data_file is not None
-    step = 2 if layout.extended_l2 else 1
+    ext = layout.extended_l2
+    stored = counter.stored if counter.stored is not None else array("B")
+    nstored = len(stored)
+
+    def refcount(cluster: int) -> int | None:
+        if cluster < nstored:
+            return stored[cluster]
+        try:
+            return rc.get(cluster)
+        except Exception:      # noqa: BLE001 - already reported by the comparison
+            return None
+
+    odd = QCOW_OFLAG_COMPRESSED
     for l1i, l1_entry in enumerate(drv.l1.values):
         l2_offset = l1_entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
-        try:
-            refcount = rc.get(l2_offset >> cbits)
-        except Exception:      # noqa: BLE001 - already reported by the comparison
+        r = refcount(l2_offset >> cbits)
+        if r is None:
             continue
-        if (refcount == 1) != bool(l1_entry & QCOW_OFLAG_COPIED):
+        if (r == 1) != bool(l1_entry & QCOW_OFLAG_COPIED):
             res.report(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={l1_entry:x} "
-                       f"refcount={refcount}")
+                       f"refcount={r}")
             res.corruptions += 1
-        words = read_be64_array(drv.file, l2_offset, layout.l2_entries * step)
-        for j in range(layout.l2_entries):
-            entry = words[j * step]
-            if not entry or entry & QCOW_OFLAG_COMPRESSED:
+        words = counter.active_l2.get(l2_offset)
+        if words is None:
+            words = read_be64_array(drv.file, l2_offset, layout.l2_entries * (2 if ext else 1))
+        entries = words[::2] if ext else words
+        for entry in entries:
+            if not entry or entry & odd:
                 continue
-            type_ = layout.cluster_type(entry)
-            if type_ not in (NORMAL, ZERO_ALLOC):
+            offset = entry & L2E_OFFSET_MASK
+            if not offset and not (has_data_file and entry & QCOW_OFLAG_COPIED):
                 continue
             if has_data_file:
-                refcount = 1
+                r = 1
             else:
-                try:
-                    refcount = rc.get((entry & L2E_OFFSET_MASK) >> cbits)
-                except Exception:      # noqa: BLE001
+                r = refcount(offset >> cbits)
+                if r is None:
                     continue
-            if (refcount == 1) != bool(entry & QCOW_OFLAG_COPIED):
+            if (r == 1) != bool(entry & QCOW_OFLAG_COPIED):
                 res.report(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
-                           f"refcount={refcount}")
+                           f"refcount={r}")
                 res.corruptions += 1
 
 
