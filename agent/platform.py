@@ -212,7 +212,14 @@ class Platform:
         return time.localtime(seconds).tm_year
 
     def local_timezone(self) -> tuple[str | None, int]:
-        """(abbreviation, seconds east of UTC) of the local zone now."""
+        """(abbreviation, seconds east of UTC) of the local zone now.
+
+        A TZ that names no zone file and is no POSIX zone rule means UTC, as
+        in GLib (the C library would make up a zone from its first letters).
+        """
+        tz = self.getenv("TZ")
+        if tz and not _known_zone(tz.lstrip(":")):
+            return "UTC", 0
         now = time.localtime()
         return now.tm_zone, now.tm_gmtoff
 
@@ -492,6 +499,19 @@ def _sockaddr_parts(ptr) -> tuple[int | None, bytes | None]:
     if family == socket.AF_INET6:
         return family, ctypes.string_at(ptr, 24)[8:24]
     return family, None
+
+
+_POSIX_TZ = re.compile(r"(?:[A-Za-z]{3,}|<[A-Za-z0-9+-]{3,}>)[+-]?\d{1,2}(?::\d{1,2}){0,2}")
+
+
+def _known_zone(name: str) -> bool:
+    """A zone file (absolute, or under TZDIR or /usr/share/zoneinfo) or a POSIX rule."""
+    if name.startswith("/"):
+        return os.path.isfile(name)
+    zonedir = os.environ.get("TZDIR") or "/usr/share/zoneinfo"
+    if name and ".." not in name.split("/") and os.path.isfile(os.path.join(zonedir, name)):
+        return True
+    return bool(_POSIX_TZ.match(name))
 
 
 class ReplaceError(OSError):

@@ -269,3 +269,15 @@ def test_same_answers_as_qemu_ga_on_this_machine(reference_agent, tmp_path, name
 def test_same_ssh_errors_as_qemu_ga(ssh_reference_agent, tmp_path, name, args):
     assert agent_call(make_ctx(Platform(), tmp_path), name, **args) == \
         ssh_reference_agent.request(name, **args)
+
+
+@pytest.mark.root
+@pytest.mark.oracle
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tz", ["Asia/Kolkata", "EST5EDT", ":Europe/Paris", "<+0330>-3:30",
+                                "Foo/Bar", ""])
+def test_timezone_same_as_qemu_ga(qemu_ga, tmp_path, tz):
+    """Zone names, POSIX rules, and a TZ naming nothing (UTC for GLib)."""
+    tree = make_tree(tmp_path / "tree", {"/sys/block": None})
+    answers = probe(tree, qemu_ga, tmp_path / "work", "guest-get-timezone", env={"TZ": tz})
+    assert answers["ours"] == answers["theirs"]
