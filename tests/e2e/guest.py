@@ -49,15 +49,16 @@ class GuestError(Exception):
 # ------------------------------------------------------------------ spec
 
 
-def agent_command(name: str) -> str:
+def agent_command(name: str, extra: tuple[str, ...] = ()) -> str:
     """The guest command line that runs agent ``name`` on the agent port."""
     port = f"/dev/virtio-ports/{AGENT_PORT}"
     state = "/run/qga-state"
+    more = "".join(f" {shlex.quote(a)}" for a in extra)
     if name == "qemu-ga":
-        return f"mkdir -p {state}\nexec /usr/sbin/qemu-ga -m virtio-serial -p {port} -t {state}"
+        return f"mkdir -p {state}\nexec /usr/sbin/qemu-ga -m virtio-serial -p {port} -t {state}{more}"
     if name == "qga":
         return (f"mkdir -p {state}\ncd {REPO}\nPYTHONDONTWRITEBYTECODE=1 exec {REPO}/.venv/bin/python"
-                f" -m agent -m virtio-serial -p {port} -t {state}")
+                f" -m agent -m virtio-serial -p {port} -t {state}{more}")
     raise ValueError(f"unknown agent {name!r} (qemu-ga, qga)")
 
 
@@ -74,6 +75,7 @@ class DataDisk:
 @dataclass(frozen=True)
 class GuestSpec:
     agent: str | None = "qemu-ga"
+    agent_args: tuple[str, ...] = ()       # e.g. ("-F/path/to/hook",)
     disks: tuple[DataDisk, ...] = ()
     writer_dir: str | None = None          # e.g. "/data/w": run the writer there
     writer_args: tuple[str, ...] = ()
@@ -179,7 +181,8 @@ class Guest:
                           f"$B mount -t ext4 /dev/disk/by-serial/{disk.serial} {mp}"
                           f" || echo 'guest: cannot mount {disk.serial}'"]
         if self.spec.agent:
-            (self.workdir / "agent.sh").write_text(agent_command(self.spec.agent) + "\n")
+            (self.workdir / "agent.sh").write_text(
+                agent_command(self.spec.agent, self.spec.agent_args) + "\n")
             lines += [f"$B cp {self.workdir}/agent.sh /run/guest/agent.sh",
                       "$B sh /run/guest/agent.sh > /run/guest/agent.log 2>&1 &",
                       "echo $! > /run/guest/agent.pid"]

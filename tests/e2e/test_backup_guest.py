@@ -105,3 +105,68 @@ def test_ctrl_c_during_the_copy_of_a_real_guest(guest_image, tmp_path, qemu_syst
         assert [b["inserted"]["node-name"] for b in top if b.get("inserted")] == ["data0"]
         assert not list(tmp_path.glob("*.quiesce-*"))
         guest.wait_writer(guest.writer_progress() + 2)
+
+
+HOOK = """#!/bin/sh
+# fsfreeze hook for the test: fails on demand, like an application that
+# refuses to quiesce (freeze) or to resume (thaw)
+case "$1" in
+    freeze) [ -e /run/guest/fail-freeze ] && exit 1 ;;
+    thaw) [ -e /run/guest/fail-thaw ] && exit 1 ;;
+esac
+exit 0
+"""
+
+
+@needs_engine
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("agent_name", AGENTS)
+def test_freeze_and_thaw_failing_in_a_real_guest(agent_name, guest_image, ext4_qcow2, tmp_path,
+                                                 qemu_system):
+    """The guest's fsfreeze hook refuses the freeze, then the thaw."""
+    import json
+
+    from e2e_proof import quiesce
+    from guest import DataDisk, GuestSpec, boot_guest, raw_qmp
+
+    hook = tmp_path / "fsfreeze-hook"
+    hook.write_text(HOOK)
+    hook.chmod(0o755)
+    spec = GuestSpec(agent=agent_name, agent_args=(f"-F{hook}",), disks=(DataDisk(ext4_qcow2),),
+                     writer_dir="/data/w")
+
+    def backup(*extra: str) -> tuple[int, dict | None, str]:
+        out = quiesce("backup", "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket),
+                      "--json", *extra, str(tmp_path / "b"))
+        return out.returncode, json.loads(out.stdout) if out.stdout.strip() else None, out.stderr
+
+    def assert_guest_fine() -> None:
+        top = raw_qmp(guest.qmp_socket, [{"execute": "query-block"}])[0]["return"]
+        assert [b["inserted"]["node-name"] for b in top if b.get("inserted")] == ["data0"]
+        assert not list(ext4_qcow2.parent.glob("*.quiesce-*"))
+        guest.wait_writer(guest.writer_progress() + 2, timeout=30)     # not frozen
+
+    with boot_guest(spec, qemu=qemu_system, image=guest_image) as guest:
+        guest.wait_writer(2)
+        guest.run("touch /run/guest/fail-freeze", check=True)
+        code, m, err = backup()
+        assert code == 1, err
+        assert m["status"] == "failed" and not m["quiesced"] and m["disks"] == []
+        assert m["errors"][0]["step"] == "freeze"
+        assert "hook has failed with status 1" in m["errors"][0]["message"]
+        assert_guest_fine()
+
+        code, m, err = backup("--on-agent-failure", "crash-consistent")
+        assert code == 0, err
+        assert m["consistency"] == "crash" and len(m["disks"]) == 1
+        assert_guest_fine()
+
+        guest.run("rm /run/guest/fail-freeze; touch /run/guest/fail-thaw", check=True)
+        code, m, err = backup()
+        # the agent thaws the filesystems before running the thaw hook: the
+        # backup is consistent, the hook's failure is recorded, the guest runs
+        assert code == 0, err
+        assert m["quiesced"] and m["status"] == "complete"
+        assert [e["step"] for e in m["errors"]] == ["thaw"]
+        assert "hook has failed" in m["errors"][0]["message"]
+        assert_guest_fine()
