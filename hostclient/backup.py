@@ -213,6 +213,7 @@ class RunningBackup(_Job):
         self.snapshot_ms: float | None = None
         self.freeze_ms: float | None = None
         self.thaw_ms: float | None = None
+        self.vm_status = "unknown"
 
     # -------------------------------------------------------------- run
 
@@ -226,6 +227,7 @@ class RunningBackup(_Job):
                 self.ui.info(f"skipping disk {reason}")
             if not disks:
                 raise BackupError("no disk to back up" + (f" ({'; '.join(skipped)})" if skipped else ""))
+            self.vm_status = self.mon.execute("query-status").get("status", "unknown")
             self._connect_agent()
             self.cancel.check()
             self.start("running", {"qmp": self.cfg.qmp, "agent": self.cfg.agent})
@@ -324,6 +326,8 @@ class RunningBackup(_Job):
                                           "(by someone else); not touching them")
 
     def _agent_failed(self, step: str, exc: BaseException | str) -> None:
+        if self.vm_status not in ("running", "unknown") and self.cfg.agent:
+            exc = f"{exc} (the VM is {self.vm_status}: its guest agent cannot answer until it runs)"
         self.error(step, "agent", exc)
         if self.cfg.on_agent_failure == "fail":
             raise BackupError(f"guest agent unusable ({exc}); no backup taken "

@@ -159,7 +159,8 @@ def test_no_agent_given_needs_crash_consistent(vm, tmp_path):
 def test_silent_agent(vm, fake_agent, engine, tmp_path):
     fake_agent.faults.silent = True
     started = time.monotonic()
-    with pytest.raises(BackupError, match="did not answer guest-sync-delimited"):
+    with pytest.raises(BackupError, match="did not answer guest-sync-delimited.*"
+                                          r"\(the VM is prelaunch: its guest agent cannot answer"):
         run_backup(config(vm, fake_agent, tmp_path))
     assert time.monotonic() - started < 5
     result = run_backup(config(vm, fake_agent, tmp_path, on_agent_failure="crash-consistent"))
