@@ -44,18 +44,38 @@ def qemu_format(qemu_img: str, path: str) -> str:
     return json.loads(proc.stdout)["format"]
 
 
+@pytest.fixture(scope="module")
+def luks_image(qemu_img, tmp_path_factory):
+    """A LUKS1 header with eight inactive key slots (qemu-img info opens it).
+
+    Made by hand: qemu-img create -f luks spends seconds on its PBKDF.
+    """
+    hdr = bytearray(592)
+    hdr[0:8] = b"LUKS\xba\xbe\x00\x01"
+    hdr[8:11] = b"aes"
+    hdr[40:51] = b"xts-plain64"
+    hdr[72:78] = b"sha256"
+    struct.pack_into(">II", hdr, 104, 4096, 64)          # payload offset, key bytes
+    struct.pack_into(">I", hdr, 164, 1000)               # master key digest iterations
+    hdr[168:204] = b"12345678-1234-1234-1234-123456789abc"
+    for i in range(8):
+        struct.pack_into(">II", hdr, 208 + 48 * i, 0x0000DEAD, 0)
+        struct.pack_into(">II", hdr, 208 + 48 * i + 40, 8 + 512 * i, 4000)
+    path = tmp_path_factory.mktemp("luks") / "img.luks"
+    with open(path, "wb") as f:
+        f.write(hdr)
+        f.truncate(4096 * 512 + (1 << 20))
+    assert qemu_format(qemu_img, str(path)) == "luks"
+    return str(path)
+
+
 @pytest.mark.parametrize("fmt", CREATABLE + ["luks"])
-def test_probe_agrees_with_qemu_img(qemu_img, tmp_path, fmt):
-    path = str(tmp_path / f"img.{fmt}")
+def test_probe_agrees_with_qemu_img(qemu_img, tmp_path, fmt, request):
     if fmt == "luks":
-        # qemu-img sometimes fails to time its PBKDF ("Unable to get accurate
-        # CPU usage"); that is QEMU's flakiness, so try a few times.
-        for _ in range(5):
-            if run(qemu_img, "create", "--object", "secret,id=s0,data=x", "-f", "luks",
-                   "-o", "key-secret=s0,iter-time=10", path, "1M", check=False).returncode == 0:
-                break
+        path = request.getfixturevalue("luks_image")
         expected = "luks"
     else:
+        path = str(tmp_path / f"img.{fmt}")
         run(qemu_img, "create", "-f", fmt, path, "1M")
         expected = qemu_format(qemu_img, path)
     assert expected == fmt
@@ -110,20 +130,16 @@ def _probe_only_formats() -> list[str]:
             if not driver(f).can_open]
 
 
-def _make(qemu_img: str, fmt: str, path: str) -> None:
-    if fmt != "luks":
-        run(qemu_img, "create", "-f", fmt, path, "1M")
-        return
-    for _ in range(5):    # qemu-img's PBKDF timing is flaky ("Unable to get accurate CPU usage")
-        if run(qemu_img, "create", "--object", "secret,id=s0,data=x", "-f", "luks",
-               "-o", "key-secret=s0,iter-time=10", path, "1M", check=False).returncode == 0:
-            return
+def _make(qemu_img: str, fmt: str, path: str, request) -> str:
+    if fmt == "luks":
+        return request.getfixturevalue("luks_image")
+    run(qemu_img, "create", "-f", fmt, path, "1M")
+    return path
 
 
 @pytest.mark.parametrize("fmt", _probe_only_formats())
-def test_unsupported_format_is_one_clear_error(qemu_img, tmp_path, fmt):
-    path = str(tmp_path / f"img.{fmt}")
-    _make(qemu_img, fmt, path)
+def test_unsupported_format_is_one_clear_error(qemu_img, tmp_path, fmt, request):
+    path = _make(qemu_img, fmt, str(tmp_path / f"img.{fmt}"), request)
     for given in (None, fmt):
         with pytest.raises(ImageOpenError) as err:
             open_image(path, given)
