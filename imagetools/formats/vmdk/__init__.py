@@ -383,7 +383,7 @@ class VmdkDriver(MappedDriver):
     def _close_metadata(self) -> None:
         for extent in self.extents:
             if isinstance(extent, SparseExtent):
-                extent.finish()
+                extent.finish(self)
 
     def _close_files(self) -> None:
         for efile in self._files:

@@ -147,6 +147,9 @@ class SparseExtent(Extent):
             max(grain_sectors, 1)
         self._gt_cache: dict[int, Any] = {}
         self._marker_cache: tuple[int, bytes] | None = None
+        #: grains of a compressed extent written in pieces: index -> [data, mask]
+        #: (stored compressed once complete, or at close)
+        self._pending: dict[int, list[bytearray]] = {}
         self.kind = ""
 
     @property
@@ -195,6 +198,10 @@ class SparseExtent(Extent):
             index = pos // grain
             inner = pos - index * grain
             n = min(grain - inner, end - pos)
+            if index in self._pending:
+                yield Run(base + pos, n, OPAQUE, None, self.file, (self, None, index))
+                pos += n
+                continue
             entry = self.gte(index)
             if entry is None:
                 raise ImageIOError(f"VMDK grain directory of '{self.file.filename}' does not "
@@ -211,6 +218,8 @@ class SparseExtent(Extent):
 
     def read_grain(self, entry: int, index: int) -> bytes:
         """One compressed grain, inflated (cached: reads come in pieces)."""
+        if entry is None:
+            return bytes(self._pending[index][0])
         if self._marker_cache is not None and self._marker_cache[0] == entry:
             return self._marker_cache[1]
         raw = self.file.pread_full(entry * SECTOR, 2 * self.grain)
@@ -269,6 +278,8 @@ class SparseExtent(Extent):
                 if self.has_zero_grain and whole and not self.compressed:
                     if not zeroed:
                         gmap.set_gte(index, GTE_ZEROED)
+                elif self.compressed and index in self._pending:
+                    self._write_compressed(pos, zeros[:stop - pos], drv)
                 elif zeroed or (entry == 0 and drv.backing is None):
                     pass                                    # reads as zeros already
                 elif self.compressed:
@@ -289,10 +300,13 @@ class SparseExtent(Extent):
             while pos < len(view):
                 guest = offset + pos
                 index = guest // grain
-                n = min(grain, len(view) - pos)
-                if guest % grain or (n < grain and guest + n != self.size):
-                    raise ImageIOError("Could not write to a compressed (streamOptimized) VMDK "
-                                       "extent: only whole grains can be written", 22)
+                n = min(grain - guest % grain, len(view) - pos)
+                whole = not guest % grain and (n == grain or guest + n == self.size)
+                if not whole or index in self._pending:
+                    self._write_partial(index, guest - index * grain, view[pos:pos + n], drv,
+                                        gmap)
+                    pos += n
+                    continue
                 if not self.has_marker:
                     raise ImageIOError("Compressed VMDK extent without grain markers cannot "
                                        "be written", 22)
@@ -305,6 +319,38 @@ class SparseExtent(Extent):
                 pos += n
         finally:
             gmap.commit()
+
+    def _write_partial(self, index: int, inner: int, data: memoryview, drv,
+                       gmap: "_GrainMap") -> None:
+        """Collect a piece of a grain; store the grain once all of it was written.
+
+        QEMU refuses partial writes to compressed extents; collecting them
+        lets any writer (convert with its own chunking) fill a grain in
+        pieces. A grain still incomplete at close is stored as it is, its
+        unwritten bytes taken from the backing file or zeros.
+        """
+        pending = self._pending.get(index)
+        if pending is None:
+            entry = self.gte(index)
+            if entry and not (entry == GTE_ZEROED and self.has_zero_grain):
+                raise ImageIOError("Could not write to allocated cluster for streamOptimized", 5)
+            length = min(self.grain, self.size - index * self.grain)
+            buf = bytearray(length)
+            if entry == 0 and drv.backing is not None:
+                drv._read_backing(self.start + index * self.grain, memoryview(buf))
+            pending = self._pending[index] = [buf, bytearray(length)]
+        buf, mask = pending
+        buf[inner:inner + len(data)] = data
+        mask[inner:inner + len(data)] = b"\x01" * len(data)
+        if mask.count(0) == 0:
+            self._store_pending(index, gmap)
+
+    def _store_pending(self, index: int, gmap: "_GrainMap") -> None:
+        if not self.has_marker:
+            raise ImageIOError("Compressed VMDK extent without grain markers cannot be written",
+                               22)
+        buf, _mask = self._pending.pop(index)
+        self.store_compressed(index, zlib.compress(bytes(buf)), gmap)
 
     def store_compressed(self, index: int, blob: bytes, gmap: "_GrainMap") -> None:
         """Append one grain marker for grain ``index`` and point its GTE at it."""
@@ -336,8 +382,15 @@ class SparseExtent(Extent):
                 return False
         return True
 
-    def finish(self) -> None:
-        """On close: QEMU pads a compressed extent to a whole sector."""
+    def finish(self, drv) -> None:
+        """On close: store incomplete grains; QEMU pads a compressed extent to a sector."""
+        if self._pending:
+            gmap = _GrainMap(self, drv)
+            try:
+                for index in sorted(self._pending):
+                    self._store_pending(index, gmap)
+            finally:
+                gmap.commit()
         if self.compressed and not self.file.read_only:
             length = self.file.length()
             if length % SECTOR:

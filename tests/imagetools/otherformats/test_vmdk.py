@@ -34,8 +34,16 @@ def test_stream_optimized_whole_grains(tmp_path):
         expected[tail:] = _pattern(size - tail, 9)
         with pytest.raises(ImageIOError, match="allocated cluster for streamOptimized"):
             drv.write(0, bytes(65536))
-        with pytest.raises(ImageIOError, match="only whole grains"):
-            drv.write(5 * 65536 + 512, bytes(512))
+        with pytest.raises(ImageIOError, match="allocated cluster for streamOptimized"):
+            drv.write(512, bytes(512))
+        # pieces of a grain are collected until the grain is complete ...
+        drv.write(5 * 65536 + 30000, _pattern(35536, 5))
+        drv.write(5 * 65536, _pattern(30000, 6))
+        expected[5 * 65536 + 30000:6 * 65536] = _pattern(35536, 5)
+        expected[5 * 65536:5 * 65536 + 30000] = _pattern(30000, 6)
+        # ... or until the image is closed
+        drv.write(7 * 65536 + 100, b"\x07" * 1000)
+        expected[7 * 65536 + 100:7 * 65536 + 1100] = b"\x07" * 1000
         assert drv.read(0, size) == expected
     finally:
         drv.close()
