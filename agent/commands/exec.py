@@ -48,7 +48,6 @@ class Process:
     out: Stream = field(default_factory=Stream)
     err: Stream = field(default_factory=Stream)
     returncode: int | None = None
-    done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def finished(self) -> bool:
@@ -126,7 +125,6 @@ def _start_threads(proc: Process, stdin_data: bytes | None) -> None:
 
 def _reap(proc: Process) -> None:
     proc.returncode = proc.popen.wait()
-    proc.done.set()
 
 
 def _pump(proc: Process, stdin_data: bytes | None) -> None:

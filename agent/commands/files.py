@@ -127,7 +127,7 @@ def file_open(ctx, path: str, mode: str = "r") -> int:
     if flags is None:
         raise AgentError(f"invalid file open mode '{mode}'")
     ctx.log.info("guest-file-open called, filepath: %s, mode: %s", path, mode)
-    fd, created = _open_or_create(ctx, path, mode, flags | os.O_NOCTTY | os.O_NONBLOCK)
+    fd = _open_or_create(ctx, path, mode, flags | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         handle = _table(ctx).add(OpenFile(fd, path))
     except AgentError:
@@ -137,7 +137,7 @@ def file_open(ctx, path: str, mode: str = "r") -> int:
     return handle
 
 
-def _open_or_create(ctx, path: str, mode: str, flags: int) -> tuple[int, bool]:
+def _open_or_create(ctx, path: str, mode: str, flags: int) -> int:
     """Create exclusively first, so only a file this call created gets mode 0666
     (whatever the umask); an existing file keeps its permissions."""
     real = os_path(path)
@@ -158,7 +158,7 @@ def _open_or_create(ctx, path: str, mode: str, flags: int) -> tuple[int, bool]:
             os.unlink(real)
             raise AgentError(f"failed to set permission 0666 on new file '{path}' "
                              f"(mode: '{mode}'): {strerror(err)}") from None
-    return fd, created
+    return fd
 
 
 @command("guest-file-close")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 
 import pytest
@@ -87,7 +88,6 @@ def test_large_input_is_fed_without_blocking_the_agent(call):
                **{"input-data": base64.b64encode(data).decode(), "capture-output": True})
     assert time.monotonic() - started < 1
     _pid, status = run(call, "/bin/true")  # the agent still answers meanwhile
-    import hashlib
     deadline = time.monotonic() + 10
     while not (status := call("guest-exec-status", pid=pid["return"]["pid"])["return"])["exited"]:
         assert time.monotonic() < deadline

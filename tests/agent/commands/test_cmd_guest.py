@@ -11,7 +11,6 @@ guest's hardware must be identical.
 from __future__ import annotations
 
 import base64
-import socket
 import sys
 import time
 from pathlib import Path
