@@ -239,13 +239,26 @@ class Qcow2Driver(Qcow2Writer, Driver):
         if h.crypt_method == hdr.CRYPT_AES:
             data["encrypt"] = {"format": "aes"}
         elif h.crypt_method == hdr.CRYPT_LUKS:
-            data["encrypt"] = {"format": "luks"}
+            data["encrypt"] = self._luks_info()
         if h.extension(hdr.EXT_BITMAPS) is not None and \
                 h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
             data["bitmaps"] = [{"name": b.name, "granularity": b.granularity,
                                 "flags": b.flag_names()} for b in self.bitmaps()]
         data["compression-type"] = hdr.COMPRESSION_NAMES[h.compression_type]
         return {"type": "qcow2", "data": data}
+
+    def _luks_info(self) -> dict[str, Any]:
+        """The ``encrypt`` member for a LUKS-encrypted image (format + LUKS header)."""
+        ext = self.header.extension(hdr.EXT_CRYPTO_HEADER)
+        info: dict[str, Any] = {"format": "luks"}
+        if ext is None or len(ext.data) != 16:
+            return info
+        offset, length = struct.unpack(">QQ", ext.data)
+        if length > 1 << 24:
+            raise CorruptImageError("The encryption header is too large")
+        from imagetools.formats.qcow2.crypto import luks_info
+        info.update(luks_info(self.file.pread_full(offset, max(length, 592))))
+        return info
 
     # -- the cluster map -----------------------------------------------------
 

@@ -172,3 +172,82 @@ def test_format_specific_and_header_fields(qemu_img, tmp_path):
         assert drv.cluster_size == info["cluster-size"]
         assert drv.size == info["virtual-size"]
         assert drv.is_dirty() == info["dirty-flag"]
+
+
+def test_encrypted_image_info_and_clear_error(qemu_img, tmp_path):
+    """A LUKS-encrypted qcow2 (hand-made header: no PBKDF wait): info as qemu-img,
+    data access one clear 'not supported' error."""
+    import struct
+    from imagetools.errors import UnsupportedError
+    path = str(tmp_path / "enc.qcow2")
+    run(qemu_img, "create", "-q", "-f", "qcow2", path, "16M")
+    data = bytearray(open(path, "rb").read())
+    luks = bytearray(592)
+    luks[0:8] = b"LUKS\xba\xbe\x00\x01"
+    luks[8:11] = b"aes"
+    luks[40:56] = b"cbc-essiv:sha256"
+    luks[72:78] = b"sha256"
+    struct.pack_into(">III", luks, 104, 4096, 32, 0)
+    struct.pack_into(">I", luks, 164, 1000)
+    luks[168:204] = b"12345678-1234-1234-1234-123456789abc"
+    for i in range(8):
+        struct.pack_into(">II", luks, 208 + 48 * i, 0x00AC71F3 if i == 0 else 0xDEAD,
+                         5000 if i == 0 else 0)
+        struct.pack_into(">II", luks, 208 + 48 * i + 40, 8 + 512 * i, 4000)
+    where = -(-len(data) // 65536) * 65536
+    data = data.ljust(where, b"\0") + bytes(luks).ljust(65536, b"\0")
+    struct.pack_into(">I", data, 32, 2)                      # crypt_method = LUKS
+    ext = struct.pack(">IIQQ", 0x0537BE77, 16, where, 592)
+    data[112:112] = ext
+    del data[65536:65536 + len(ext)]
+    open(path, "wb").write(data)
+    info = json.loads(run(qemu_img, "info", "--output=json", path).stdout)
+    with open_image(path) as drv:
+        assert drv.encrypted and info["encrypted"]
+        assert drv.format_specific() == info["format-specific"]
+        with pytest.raises(UnsupportedError, match="Encrypted qcow2 images are not supported"):
+            drv.read(0, 512)
+
+
+@pytest.mark.parametrize("args", [
+    [], ["-o", "compat=0.10"], ["-o", "cluster_size=4096"],
+    ["-b", "base.qcow2", "-F", "qcow2", "-o", "data_file=d.raw"],
+    ["-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2"],
+    ["-o", "compression_type=zstd,extended_l2=on,lazy_refcounts=on"],
+])
+def test_header_round_trip(qemu_img, tmp_path, args, monkeypatch):
+    """Header.encode() reproduces what QEMU wrote (so rewrites keep everything)."""
+    from imagetools.formats.qcow2.header import parse_header
+    monkeypatch.chdir(tmp_path)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "base.qcow2", "1M")
+    run(qemu_img, "create", "-q", "-f", "qcow2", *args, "img.qcow2", "1M")
+    raw = open("img.qcow2", "rb").read()
+    cs = 1 << int.from_bytes(raw[20:24], "big")
+    header = parse_header(raw[:cs], len(raw))
+    encoded = header.encode()
+    assert raw[:len(encoded)] == encoded
+    assert raw[len(encoded):cs] == bytes(cs - len(encoded))
+
+
+def test_unknown_header_extension_survives_writes(qemu_img, qemu_io, tmp_path):
+    import struct
+    path = str(tmp_path / "u.qcow2")
+    run(qemu_img, "create", "-q", "-f", "qcow2", path, "1M")
+    data = bytearray(open(path, "rb").read())
+    ext = struct.pack(">II", 0x12345678, 5) + b"hello\0\0\0"
+    data[112:112] = ext
+    del data[65536:65536 + len(ext)]
+    open(path, "wb").write(data)
+    with open_image(path, "qcow2", read_only=False) as drv:
+        assert drv.header.extension(0x12345678).data == b"hello"
+        drv.write(0, b"x" * 100000)
+        drv._write_header()                  # a full header rewrite keeps it too
+    after = open(path, "rb").read()
+    assert after[112:112 + len(ext)] == ext
+    assert qemu_check_rc(qemu_img, path) == 0
+    io_cmds(qemu_io, path, "write 200k 4k")  # QEMU keeps it as well
+    assert open(path, "rb").read()[112:112 + len(ext)] == ext
+
+
+def qemu_check_rc(qemu_img, path):
+    return run(qemu_img, "check", path, check=False).returncode
