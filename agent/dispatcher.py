@@ -152,8 +152,7 @@ class Dispatcher:
             reason = self.reason.get(name)
             raise AgentError(f"Command {name} has been disabled" + (f": {reason}" if reason else ""),
                              "CommandNotFound")
-        args = request.get("arguments", {})
-        self._checker(name).check(args)
+        args = self._checker(name).check(request.get("arguments", _EMPTY))
         log.debug("processing command %s", name)
         if args:
             value = command.handler(self.ctx, **{k.replace("-", "_"): v for k, v in args.items()})

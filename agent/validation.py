@@ -199,6 +199,29 @@ _TYPE_TESTS = {
 }
 
 
+def compile_coercion(schema: dict[str, Any]):
+    """``value -> value`` applying what QEMU's input visitor does to valid
+    input beyond checking it: a negative int64 given for a ``uint64``
+    becomes its 64-bit two's complement (``-1`` -> 18446744073709551615).
+    None when the schema has no such member."""
+    qtype = schema.get("x-qapi-type")
+    if qtype in ("uint64", "size"):
+        return lambda v: v + (1 << 64) if isinstance(v, int) and v < 0 else v
+    if "items" in schema:
+        item = compile_coercion(schema["items"])
+        if item is not None:
+            return lambda v: [item(x) for x in v] if isinstance(v, list) else v
+        return None
+    if "anyOf" in schema:
+        return None  # qga's only alternate has no uint64 branch
+    members = {name: compile_coercion(sub) for name, sub in schema.get("properties", {}).items()}
+    members = {name: fix for name, fix in members.items() if fix is not None}
+    if not members:
+        return None
+    return lambda v: {k: (members[k](x) if k in members else x) for k, x in v.items()} \
+        if isinstance(v, dict) else v
+
+
 class ArgumentChecker:
     """Validates one command's arguments; raises AgentError as qemu-ga words it."""
 
@@ -206,10 +229,15 @@ class ArgumentChecker:
         self.schema = schema
         self._validator = None
         self._fast = compile_predicate(schema)
+        self._coerce = compile_coercion(schema)
 
-    def check(self, args: dict[str, Any]) -> None:
-        if self._fast is not None and self._fast(args):
-            return
+    def check(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The arguments as the handler gets them; AgentError when invalid."""
+        if self._fast is None or not self._fast(args):
+            self._raise_first_error(args)
+        return self._coerce(args) if self._coerce is not None else args
+
+    def _raise_first_error(self, args: dict[str, Any]) -> None:
         if self._validator is None:
             self._validator = QAPIValidator(self.schema)
         best: tuple[tuple, str] | None = None

@@ -198,3 +198,13 @@ def test_fast_predicate_agrees_with_jsonschema(name):
         assert predicate(args) == validator.is_valid(args)
 
     check()
+
+
+def test_negative_uint64_arguments_reach_the_handler_wrapped_as_in_qemu():
+    seen = []
+    commands = {"guest-set-memory-blocks": Command(
+        "guest-set-memory-blocks", lambda ctx, mem_blks: seen.append(mem_blks) or [])}
+    dispatcher = Dispatcher(Context(Platform()), commands=commands)
+    ask(dispatcher, b'{"execute":"guest-set-memory-blocks","arguments":'
+                    b'{"mem-blks":[{"phys-index":-1,"online":true},{"phys-index":5,"online":false}]}}')
+    assert seen == [[{"phys-index": 2**64 - 1, "online": True}, {"phys-index": 5, "online": False}]]
