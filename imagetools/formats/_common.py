@@ -556,6 +556,10 @@ def cluster_write(cmap: ClusterMap, offset: int, view: memoryview) -> None:
         cmap.commit()
 
 
+#: copy-on-write moves at most this much at a time (units can be huge)
+COW_CHUNK = 4 << 20
+
+
 def _allocating_write(cmap: ClusterMap, index: int, count: int, offset: int,
                       view: memoryview) -> None:
     unit = cmap.unit
@@ -567,31 +571,34 @@ def _allocating_write(cmap: ClusterMap, index: int, count: int, offset: int,
     host = cmap.allocate(index, count)
     file = cmap.file
     fresh = host >= file.length()
-    if lo == first and hi == last:
-        file.pwrite(host, view[lo - offset:hi - offset])
-    else:
-        buf = bytearray(last - first)
-        bview = memoryview(buf)
-        if lo > first:
-            _cow(cmap, index, first, bview[:lo - first], fresh)
-        if hi < last:
-            _cow(cmap, (hi - 1) // unit, hi, bview[hi - first:], fresh)
-        bview[lo - first:hi - first] = view[lo - offset:hi - offset]
-        if fresh and not any(bview[:lo - first]) and not any(bview[hi - first:]):
-            # the file grows with zeros: write only the guest data
-            if host + (last - first) > file.length():
-                file.truncate(host + (last - first))
-            file.pwrite(host + (lo - first), bview[lo - first:hi - first])
-        else:
-            file.pwrite(host, bview)
+    if fresh and host + (last - first) > file.length():
+        file.truncate(host + (last - first))       # new units read as zeros
+    if lo > first:
+        _cow_range(cmap, index, first, host, lo - first, fresh)
+    file.pwrite(host + (lo - first), view[lo - offset:hi - offset])
+    if hi < last:
+        _cow_range(cmap, (hi - 1) // unit, hi, host + (hi - first), last - hi, fresh)
     cmap.map_units(index, count, host)
 
 
-def _cow(cmap: ClusterMap, index: int, guest: int, part: memoryview, fresh: bool) -> None:
-    """Copy-on-write source for the untouched head/tail of new units."""
-    if cmap.cow_zero(index):
-        return                                  # the buffer is zeros already
-    cmap.fill_backing(cmap.base + guest, part)
+def _cow_range(cmap: ClusterMap, index: int, guest: int, host: int, length: int,
+               fresh: bool) -> None:
+    """Fill the untouched part of new units from the copy-on-write source.
+
+    Zeros need no write on a freshly grown file; anything else is copied in
+    bounded chunks.
+    """
+    if cmap.cow_zero(index) and fresh:
+        return
+    done = 0
+    while done < length:
+        n = min(COW_CHUNK, length - done)
+        buf = bytearray(n)
+        if not cmap.cow_zero(index):
+            cmap.fill_backing(cmap.base + guest + done, memoryview(buf))
+        if not fresh or any(buf):
+            cmap.file.pwrite(host + done, buf)
+        done += n
 
 
 def write_zeroes_plain(cmap: ClusterMap, offset: int, length: int, *,

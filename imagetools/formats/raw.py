@@ -68,7 +68,12 @@ class RawDriver(Driver):
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         prealloc = str(options.get("preallocation") or "off")
         if prealloc not in PREALLOC_MODES:
-            raise ImageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+            if prealloc == "metadata":
+                raise UnsupportedError("Unsupported preallocation mode: metadata")
+            raise ImageError(f"invalid parameter value: {prealloc}")
+        if "nocow" in options and str(options["nocow"]).lower() not in (
+                "on", "off", "yes", "no", "true", "false", "y", "n"):
+            raise ImageError("Parameter 'nocow' expects 'on' or 'off'")
         for key in options:
             if key not in ("preallocation", "nocow", "extent_size_hint", "size"):
                 raise ImageError(f"Invalid parameter '{key}'")

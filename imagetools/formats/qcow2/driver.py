@@ -215,10 +215,8 @@ class Qcow2Driver(Qcow2Writer, Driver):
         return self._bitmaps
 
     def allocated_size(self) -> int | None:
-        size = self.file.allocated()
-        if self.data_file is not None:
-            size += self.data_file.allocated()
-        return size
+        # as qemu-img 7.2: the image file only, not an external data file
+        return self.file.allocated()
 
     def has_zero_init(self) -> bool:
         if self.data_file is not None and self.data_file.is_block:
@@ -271,8 +269,8 @@ class Qcow2Driver(Qcow2Writer, Driver):
         if not offset:
             return None
         if offset % self._cluster_size:
-            raise CorruptImageError(f"L2 table offset {offset:#x} unaligned "
-                                    f"(L1 index: {l1_index:#x})")
+            self.signal_corruption(f"L2 table offset {offset:#x} unaligned "
+                                   f"(L1 index: {l1_index:#x})")
         return self.l2_cache.get(offset).values
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
@@ -348,6 +346,8 @@ class Qcow2Driver(Qcow2Writer, Driver):
             else:
                 type_ = cluster_type(entry)
                 if type_ in (NORMAL, ZERO_ALLOC):
+                    if entry & (cs - 1) & L2E_OFFSET_MASK:
+                        self._unaligned_cluster(entry, values, idx)
                     expect = entry + cs
                     while j <= lim and values[j] == expect:
                         expect += cs
@@ -366,12 +366,42 @@ class Qcow2Driver(Qcow2Writer, Driver):
             idx = j
         return out
 
+    def _unaligned_cluster(self, entry: int, values, idx: int) -> None:
+        table = next((t.offset for t in self.l2_cache.tables.values() if t.values is values), 0)
+        self.signal_corruption(f"Cluster allocation offset {entry & L2E_OFFSET_MASK:#x} "
+                               f"unaligned (L2 offset: {table:#x}, L2 index: {idx:#x})")
+
+    def signal_corruption(self, message: str, *, fatal: bool = True) -> None:
+        """Report metadata corruption as QEMU does and fail the request with EIO.
+
+        On a writable image a fatal corruption sets the corrupt bit (so that
+        nothing writes into it again until it is repaired); otherwise it is
+        only reported. Either way the first report of a session is printed
+        (through imagetools.image.warn) and later ones are not.
+        """
+        import errno
+        from imagetools.image import warn
+        fatal = fatal and not self.read_only
+        if not self._corruption_reported or (fatal and not self.corrupt):
+            self._corruption_reported = True
+            if fatal:
+                warn(f"qcow2: Marking image as corrupt: {message}; further corruption events "
+                     "will be suppressed")
+                self._set_incompat(hdr.INCOMPAT_CORRUPT, True)
+            else:
+                warn(f"qcow2: Image is corrupt: {message}; further non-fatal corruption events "
+                     "will be suppressed")
+        raise ImageIOError("Input/output error", errno.EIO)
+
     def _subcluster_pieces(self, entry: int, bitmap: int, cstart: int, s: int, e: int,
                            append) -> None:
         layout = self.layout
         if layout.cluster_type(entry) == COMPRESSED:
             append((s, e - s, COMPRESSED, None, entry))
             return
+        if entry & (self._cluster_size - 1) & L2E_OFFSET_MASK:
+            self.signal_corruption(f"Cluster allocation offset {entry & L2E_OFFSET_MASK:#x} "
+                                   "unaligned")
         sbits = layout.subcluster_bits
         host_base = entry & L2E_OFFSET_MASK
         sc = (s - cstart) >> sbits

@@ -198,14 +198,33 @@ class Refcounts:
         blk.values[cluster & (self.layout.refblock_entries - 1)] = value
         blk.dirty = True
 
-    def defer_free(self, first: int, count: int) -> None:
-        """Queue a decrement to apply once the L2 tables no longer point here."""
-        self.pending_free.append((first, count))
+    def defer_free(self, first: int, count: int, *, discard: bool = False) -> None:
+        """Queue a decrement to apply once the L2 tables no longer point here.
+
+        ``discard``: the guest asked for it (discard, zero write with unmap);
+        clusters that become free are then also punched out of the host file,
+        as QEMU passes such discards down.
+        """
+        self.pending_free.append((first, count, discard))
 
     def apply_pending_frees(self) -> None:
         pending, self.pending_free = self.pending_free, []
-        for first, count in pending:
+        holes: list[int] = []
+        for first, count, discard in pending:
             self.change(first, count, -1)
+            if discard:
+                holes.extend(c for c in range(first, first + count) if self.get(c) == 0)
+        self._punch(sorted(set(holes)))
+
+    def _punch(self, clusters: list[int]) -> None:
+        cs = self.layout.cluster_size
+        i = 0
+        while i < len(clusters):
+            j = i
+            while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
+                j += 1
+            self.file.punch_hole(clusters[i] * cs, (j - i + 1) * cs)
+            i = j + 1
 
     # -- allocation -------------------------------------------------------
 

@@ -76,6 +76,10 @@ class _FdSource:
 class Qcow2Writer:
     """Mixin of :class:`Qcow2Driver` holding everything that changes an image."""
 
+    #: pass guest discards (and zero writes with unmap) down to the host
+    #: file as QEMU does with discard=unmap: freed clusters become holes
+    discard_passthrough = True
+
     def init_writer(self) -> None:
         self._free_byte_offset = 0
         self._meta_clusters: dict[int, str] | None = None
@@ -125,20 +129,27 @@ class Qcow2Writer:
             table.values[idx] = entry
         table.dirty = True
 
-    def _free_entry(self, entry: int) -> None:
-        """Queue the decrement of whatever host clusters ``entry`` references."""
+    def _free_entry(self, entry: int, *, request: bool = False) -> None:
+        """Queue the decrement of whatever host clusters ``entry`` references.
+
+        ``request``: freed because the guest discarded or zeroed with unmap;
+        with :attr:`discard_passthrough` the host space is punched out too.
+        """
+        discard = request and self.discard_passthrough
         if entry & (1 << 62):
             coffset, nbytes = self.layout.compressed_range(entry)
             start = coffset & ~511
             first = start >> self.cluster_bits
             last = (start + ((nbytes + (coffset & 511) + 511) & ~511) - 1) >> self.cluster_bits
-            self.refcounts.defer_free(first, last - first + 1)
+            self.refcounts.defer_free(first, last - first + 1, discard=discard)
             return
         if self.data_file is not None:
+            if discard and not self.data_file_raw:
+                self.data_file.punch_hole(entry & L2E_OFFSET_MASK, self._cluster_size)
             return          # data-file clusters are not refcounted
         host = entry & L2E_OFFSET_MASK
         if host:
-            self.refcounts.defer_free(host >> self.cluster_bits, 1)
+            self.refcounts.defer_free(host >> self.cluster_bits, 1, discard=discard)
 
     # -- metadata overlap protection -----------------------------------------
 
@@ -166,14 +177,8 @@ class Qcow2Writer:
             hit = next((c for c in meta if first <= c <= last), None)
         if hit is None:
             return
-        from imagetools.formats.qcow2 import header as hdr
-        from imagetools.image import warn
-        if not self._corruption_reported:
-            self._corruption_reported = True
-            warn("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
-                 f"(overlaps with {meta[hit]}); further corruption events will be suppressed")
-        self._set_incompat(hdr.INCOMPAT_CORRUPT, True)
-        raise ImageIOError("Input/output error", errno.EIO)
+        self.signal_corruption("Preventing invalid write on metadata "
+                               f"(overlaps with {meta[hit]})")
 
     # -- writing data ----------------------------------------------------------
 
@@ -475,7 +480,7 @@ class Qcow2Writer:
                     continue
                 self._set_entry(table, idx, new_entry, new_bitmap)
                 if do_unmap:
-                    self._free_entry(entry)
+                    self._free_entry(entry, request=True)
             pos = stop
 
     def _write_zero_data(self, offset: int, length: int) -> None:
@@ -535,7 +540,7 @@ class Qcow2Writer:
                     continue
                 self._set_entry(table, idx, new_entry, new_bitmap)
                 if allocated:
-                    self._free_entry(entry)
+                    self._free_entry(entry, request=True)
             pos = stop
 
     # -- compressed clusters -------------------------------------------------------

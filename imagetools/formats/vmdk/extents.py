@@ -38,6 +38,7 @@ GD_AT_END = 0xFFFFFFFFFFFFFFFF
 GTE_ZEROED = 1
 EXTENT_MAX_SECTORS = 1 << 32
 MAX_GRAIN_SECTORS = 0x200000
+MAX_COMPRESSED_GRAIN = (64 << 20) // 512
 MAX_L1_SIZE = 32 * 1024 * 1024
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 
@@ -222,16 +223,16 @@ class SparseExtent(Extent):
             return bytes(self._pending[index][0])
         if self._marker_cache is not None and self._marker_cache[0] == entry:
             return self._marker_cache[1]
-        raw = self.file.pread_full(entry * SECTOR, 2 * self.grain)
+        offset = entry * SECTOR
         if self.has_marker:
-            _lba, size = struct.unpack_from("<QI", raw)
-            data = raw[12:12 + size]
+            _lba, size = struct.unpack("<QI", self.file.pread_full(offset, 12))
+            offset += 12
         else:
             size = self.grain
-            data = raw[:size]
         if not size or size > 2 * self.grain:
             raise ImageIOError(f"Invalid compressed grain at sector {entry} of "
                                f"'{self.file.filename}'")
+        data = self.file.pread(offset, size)      # never more than the file holds
         try:
             inflater = zlib.decompressobj()
             out = inflater.decompress(data, self.grain)
@@ -364,22 +365,36 @@ class SparseExtent(Extent):
         gmap.set_gte(index, sector)
 
     def check(self, result, first_sector: int) -> bool:
-        """QEMU's per-grain walk: a missing table or a grain past EOF stops it."""
+        """QEMU's per-grain walk: a missing table or a grain past EOF stops it.
+
+        Walked one grain table at a time; a table seen before (a hostile
+        directory may point every entry at one) is not walked again.
+        """
         length = self.file.length()
-        for index in range(div_round_up(self.sectors, self.grain_sectors)):
-            sector = first_sector + index * self.grain_sectors
-            try:
-                entry = self.gte(index)
-            except ImageError:
-                entry = None
-            if entry is None:
-                result.error(f"ERROR: could not get cluster_offset for sector {sector}")
-                return False
-            if entry == 0 or (entry == GTE_ZEROED and self.has_zero_grain):
+        grains = div_round_up(self.sectors, self.grain_sectors)
+        clean_tables: set[int] = set()
+        for l1_index in range(div_round_up(grains, self.l2_size)):
+            first = l1_index * self.l2_size
+            stop = min(grains, first + self.l2_size)
+            gt_sector = self.gd[l1_index] if l1_index < self.l1_size else None
+            if gt_sector == 0 or gt_sector in clean_tables:
                 continue
-            if entry * SECTOR >= length:
-                result.error(f"ERROR: cluster offset for sector {sector} points after EOF")
-                return False
+            for index in range(first, stop):
+                sector = first_sector + index * self.grain_sectors
+                try:
+                    entry = self.gte(index)
+                except ImageError:
+                    entry = None
+                if entry is None:
+                    result.error(f"ERROR: could not get cluster_offset for sector {sector}")
+                    return False
+                if entry == 0 or (entry == GTE_ZEROED and self.has_zero_grain):
+                    continue
+                if entry * SECTOR >= length:
+                    result.error(f"ERROR: cluster offset for sector {sector} points after EOF")
+                    return False
+            if stop - first == self.l2_size:
+                clean_tables.add(gt_sector)
         return True
 
     def finish(self, drv) -> None:
@@ -511,7 +526,8 @@ def open_vmdk4(file, *, read_only: bool) -> SparseExtent:
     rgd = rgd_offset * SECTOR if flags & FLAG_RGD else 0
     if div_round_up(file.length(), SECTOR) < grain_offset:
         raise VmdkOpenError(f"File truncated, expecting at least {grain_offset * SECTOR} bytes")
-    if granularity > MAX_GRAIN_SECTORS:
+    if granularity > MAX_GRAIN_SECTORS or (compressed and granularity > MAX_COMPRESSED_GRAIN):
+        # (compressed grains are inflated in memory: refuse absurd ones)
         raise VmdkOpenError("Invalid granularity, image may be corrupt")
     if l1_size > MAX_L1_SIZE:
         raise VmdkOpenError("L1 size too big")

@@ -179,3 +179,34 @@ def test_bad_compressed_data_is_an_error(qemu_img, qemu_io, tmp_path):
     with open_image(path) as drv:
         with pytest.raises(ImageError, match="decompress"):
             drv.read(0, 4096)
+
+
+def test_unaligned_data_cluster_is_signalled_like_qemu(qemu_img, qemu_io, image, tmp_path):
+    l1 = struct.unpack(">Q", open(image, "rb").read()[40:48])[0]
+    with open(image, "rb") as f:
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+    poke(image, l2 + 8, ">Q", 0x8000000000060200)
+    twin = str(tmp_path / "twin.qcow2")
+    open(twin, "wb").write(open(image, "rb").read())
+    import imagetools.image as img
+    warnings = []
+    old, img.warning_handler = img.warning_handler, warnings.append
+    try:
+        with open_image(image) as drv:                    # read-only: reported only
+            with pytest.raises(ImageIOError, match="Input/output error"):
+                list(drv.block_status())
+        proc = run(qemu_img, "map", image, check=False)
+        assert warnings[0] == proc.stderr.splitlines()[0]
+        assert not json.loads(run(qemu_img, "info", "--output=json", image).stdout)[
+            "format-specific"]["data"]["corrupt"]
+        warnings.clear()
+        with open_image(image, "qcow2", read_only=False) as drv:   # writable: marked
+            with pytest.raises(ImageIOError):
+                drv.read(65536, 4096)
+        proc = run(qemu_io, "-f", "qcow2", "-c", "read 64k 4k", twin, check=False)
+        assert warnings == [proc.stderr.strip()]
+    finally:
+        img.warning_handler = old
+    assert json.loads(run(qemu_img, "info", "--output=json", image).stdout)[
+        "format-specific"]["data"]["corrupt"]

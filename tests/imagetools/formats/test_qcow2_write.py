@@ -122,6 +122,7 @@ def test_create_matches_qemu_img(qemu_img, tmp_path, options):
 def test_writes_match_qemu_io(qemu_img, qemu_io, tmp_path, options):
     ours, theirs = create_both(qemu_img, tmp_path, options, 4 * MiB)
     with open_image(ours, "qcow2", read_only=False) as drv:
+        drv.discard_passthrough = False       # qemu-io's default is discard=ignore
         apply(drv, WORKLOAD)
     io_cmds(qemu_io, theirs, *WORKLOAD)
     # QEMU reuses clusters freed by a discard at once; qimg only after the
@@ -218,3 +219,20 @@ def test_lazy_refcounts_dirty_bit_cleared_on_close(qemu_img, tmp_path):
     info = json.loads(run(qemu_img, "info", "--output=json", path).stdout)
     assert info["dirty-flag"] is False
     assert qemu_check(qemu_img, path)["rc"] == 0
+
+
+def test_discard_punches_freed_clusters_out_of_the_file(qemu_img, tmp_path):
+    path = str(tmp_path / "d.qcow2")
+    create_image(path, "qcow2", 8 * MiB, {})
+    with open_image(path, "qcow2", read_only=False) as drv:
+        drv.write(0, b"\x01" * (8 * MiB))
+    full = os.stat(path).st_blocks
+    with open_image(path, "qcow2", read_only=False) as drv:
+        drv.discard(0, 4 * MiB)
+        drv.write_zeroes(4 * MiB, 2 * MiB, unmap=True)
+        drv.write_zeroes(6 * MiB, 1 * MiB)              # no unmap: stays allocated
+    assert (full - os.stat(path).st_blocks) * 512 >= 6 * MiB
+    assert qemu_check(qemu_img, path)["rc"] == 0
+    with open_image(path) as drv:
+        assert drv.read(0, 7 * MiB) == bytes(7 * MiB)
+        assert drv.read(7 * MiB, MiB) == b"\x01" * MiB
