@@ -236,3 +236,37 @@ def test_discard_punches_freed_clusters_out_of_the_file(qemu_img, tmp_path):
     with open_image(path) as drv:
         assert drv.read(0, 7 * MiB) == bytes(7 * MiB)
         assert drv.read(7 * MiB, MiB) == b"\x01" * MiB
+
+
+@pytest.mark.parametrize("options", [{}, {"extended_l2": "on"}, {"cluster_size": 4096}],
+                         ids=["default", "extl2", "c4k"])
+def test_writes_after_internal_snapshot_copy_on_write(qemu_img, qemu_io, tmp_path, options):
+    """Clusters and L2 tables shared with a snapshot are copied, never changed in place."""
+    path = str(tmp_path / "snap.qcow2")
+    opts = ",".join(f"{k}={v}" for k, v in options.items())
+    run(qemu_img, "create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), path, "4M")
+    io_cmds(qemu_io, path, "write -c -P 0x22 1m 64k", "write -P 0x11 0 1m",
+            "write -P 0x11 1088k 2944k")
+    run(qemu_img, "snapshot", "-c", "before", path)
+    snap_before = tmp_path / "before.raw"
+    run(qemu_img, "convert", "-l", "before", "-O", "raw", path, str(snap_before))
+    with open_image(path, "qcow2", read_only=False) as drv:
+        apply(drv, WORKLOAD)
+        drv.write(1 * MiB + 100, b"\x33" * 100)          # inside the compressed cluster
+        expected = drv.read(0, drv.size)
+    chk = qemu_check(qemu_img, path)
+    assert chk["rc"] == 0, chk["stderr"]
+    out = tmp_path / "now.raw"
+    run(qemu_img, "convert", "-O", "raw", path, str(out))
+    assert out.read_bytes() == expected
+    again = tmp_path / "again.raw"
+    run(qemu_img, "convert", "-l", "before", "-O", "raw", path, str(again))
+    assert again.read_bytes() == snap_before.read_bytes()
+    with open_image(path) as drv:
+        assert drv.open_snapshot("before").read(0, 4 * MiB) == snap_before.read_bytes()
+    # QEMU can still apply and delete the snapshot and stays consistent
+    run(qemu_img, "snapshot", "-a", "before", path)
+    run(qemu_img, "convert", "-O", "raw", path, str(out))
+    assert out.read_bytes() == snap_before.read_bytes()
+    run(qemu_img, "snapshot", "-d", "before", path)
+    assert qemu_check(qemu_img, path)["rc"] == 0
