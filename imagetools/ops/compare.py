@@ -149,7 +149,6 @@ def compare_images(drv1, drv2, *, strict: bool = False,
                    say: Callable[[str], None] | None = None,
                    names: tuple[str, str] = ("image 1", "image 2")) -> CompareResult:
     """Compare two open images the way qemu-img compare does."""
-    from imagetools.ops.zeroscan import first_nonzero_sector
     lines: list[str] = []
 
     def emit(line: str) -> None:
@@ -167,6 +166,17 @@ def compare_images(drv1, drv2, *, strict: bool = False,
         emit("Strict mode: Image size mismatch!")
         return done(False, 1)
     cur1, cur2 = _Cursor(drv1), _Cursor(drv2)
+    reader = _Reader((drv1, drv2), names)
+    try:
+        return _walk(drv1, drv2, cur1, cur2, reader, strict, progress, emit, done,
+                     size1, size2, total, progress_base)
+    finally:
+        reader.close()
+
+
+def _walk(drv1, drv2, cur1, cur2, reader, strict, progress, emit, done, size1, size2,
+          total, progress_base) -> CompareResult:
+    from imagetools.ops.zeroscan import first_nonzero_sector
     offset = 0
     while offset < total:
         e1, e2 = cur1.at(offset), cur2.at(offset)
@@ -179,17 +189,15 @@ def compare_images(drv1, drv2, *, strict: bool = False,
         elif e1.present == e2.present:
             if e1.present:
                 chunk = min(chunk, IO_BUF_SIZE)
-                buf1 = _read(drv1, offset, chunk, names[0])
-                buf2 = _read(drv2, offset, chunk, names[1])
+                buf1, buf2 = reader.both(offset, chunk)
                 diff = first_difference(buf1, buf2, chunk)
                 if diff >= 0:
                     emit(f"Content mismatch at offset {offset + diff}!")
                     return done(False, 1, offset + diff)
         else:
             chunk = min(chunk, IO_BUF_SIZE)
-            drv, name = (drv1, names[0]) if e1.present else (drv2, names[1])
-            buf = _read(drv, offset, chunk, name)
-            idx = first_nonzero_sector(buf)
+            buf = reader.one(0 if e1.present else 1, offset, chunk)
+            idx = first_nonzero_sector(buf, 0, chunk)
             if idx >= 0:
                 emit(f"Content mismatch at offset {offset + idx}!")
                 return done(False, 1, offset + idx)
@@ -198,15 +206,15 @@ def compare_images(drv1, drv2, *, strict: bool = False,
             progress(chunk, progress_base)
     if size1 != size2:
         emit("Warning: Image size mismatch!")
-        over, name = (drv1, names[0]) if size1 > size2 else (drv2, names[1])
+        which = 0 if size1 > size2 else 1
         cur = cur1 if size1 > size2 else cur2
         while offset < progress_base:
             ext = cur.at(offset)
             chunk = ext.end - offset
             if ext.present and not ext.zero:
                 chunk = min(chunk, IO_BUF_SIZE)
-                buf = _read(over, offset, chunk, name)
-                idx = first_nonzero_sector(buf)
+                buf = reader.one(which, offset, chunk)
+                idx = first_nonzero_sector(buf, 0, chunk)
                 if idx >= 0:
                     emit(f"Content mismatch at offset {offset + idx}!")
                     return done(False, 1, offset + idx)
@@ -217,9 +225,39 @@ def compare_images(drv1, drv2, *, strict: bool = False,
     return done(True, 0)
 
 
-def _read(drv, offset: int, length: int, name: str) -> bytes:
-    try:
-        return drv.read(offset, length)
-    except ImageError as err:
-        raise Reported(f"Error while reading offset {offset} of {name}: {err}",
-                       exit_code=4) from None
+class _Reader:
+    """Reads both images into two reused 2 MiB buffers, the second image in
+    a helper thread so that the two reads overlap (they release the GIL)."""
+
+    def __init__(self, drivers, names) -> None:
+        self.drivers = drivers
+        self.names = names
+        self.bufs = (bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE))
+        self._pool = None
+
+    def _fill(self, which: int, offset: int, length: int) -> bytearray:
+        buf = self.bufs[which]
+        try:
+            self.drivers[which].read_into(offset, memoryview(buf)[:length])
+        except ImageError as err:
+            raise Reported(f"Error while reading offset {offset} of {self.names[which]}: "
+                           f"{err}", exit_code=4) from None
+        return buf
+
+    def one(self, which: int, offset: int, length: int) -> bytearray:
+        return self._fill(which, offset, length)
+
+    def both(self, offset: int, length: int) -> tuple[bytearray, bytearray]:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qimg-compare")
+        second = self._pool.submit(self._fill, 1, offset, length)
+        try:
+            first = self._fill(0, offset, length)
+        finally:
+            other = second.result()
+        return first, other
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

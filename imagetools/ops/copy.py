@@ -30,6 +30,7 @@ from imagetools.output import Reported, warn
 SECTOR = 512
 IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
 MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
+BATCH_SECTORS = 16384                      # 8 MiB read-ahead batches
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
 
@@ -319,6 +320,7 @@ class Copier:
         self.stats = ConvertStats(total_bytes=total_sectors * SECTOR)
         self._rate_start = time.monotonic()
         self._rate_bytes = 0
+        self._pending: list | None = None
 
     # ---- chunking (convert_iteration_sectors) ----
 
@@ -388,9 +390,10 @@ class Copier:
         allocated = sum(n for _, n, _ in counted)
         self.stats.allocated_bytes = allocated * SECTOR
         done = 0
-        reads = [(sector, n) for sector, n, status in plan if status == BLK_DATA]
-        reader = _Prefetch(self, reads, self.buf_sectors * SECTOR) if reads else None
+        batches = _batches([(sector, n) for sector, n, status in plan if status == BLK_DATA])
+        reader = _Prefetch(self, batches, BATCH_SECTORS * SECTOR) if batches else None
         writer = _CompressedWriter(self.target) if self.compressed else None
+        batch = None                     # (buffer, first sector, end sector)
         try:
             for sector, n, status in plan:
                 if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
@@ -398,15 +401,17 @@ class Copier:
                     if progress is not None:
                         progress(done, allocated)
                 if status == BLK_DATA:
-                    buf = reader.get()
-                    try:
-                        self._copy_data(sector, n, memoryview(buf)[:n * SECTOR], writer)
-                    finally:
-                        reader.release(buf)
+                    if batch is None or not batch[1] <= sector < batch[2]:
+                        if batch is not None:
+                            self._flush_writes()
+                            reader.release(batch[0])
+                        batch = reader.get()
+                    self._copy_data(sector, n, batch[0], sector - batch[1], writer)
                 elif status == BLK_ZERO and self.min_sparse:
                     self._zero(sector, n, writer)
                 elif status == BLK_ZERO:
-                    self._copy_data(sector, n, memoryview(bytes(n * SECTOR)), writer)
+                    self._copy_data(sector, n, bytes(n * SECTOR), 0, writer)
+            self._flush_writes()
         finally:
             if reader is not None:
                 reader.close()
@@ -415,30 +420,32 @@ class Copier:
                 self.stats.compressed_clusters = writer.clusters
         return self.stats
 
-    def _copy_data(self, sector: int, n: int, buf: memoryview, writer) -> None:
-        """Write one chunk of data, leaving its zero sectors sparse (``-S``)."""
+    def _copy_data(self, sector: int, n: int, data, first: int, writer) -> None:
+        """Write ``n`` sectors held in ``data`` from sector index ``first``,
+        leaving zero sectors sparse as qemu-img does (``-S``)."""
         self._throttle(n * SECTOR)
         if writer is not None:
             from imagetools.ops.zeroscan import range_is_zero
-            if self.min_sparse and range_is_zero(buf.obj, 0, n * SECTOR):
+            start = first * SECTOR
+            if self.min_sparse and range_is_zero(data, start, start + n * SECTOR):
                 self._zero(sector, n, writer)
             else:
-                writer.submit(sector * SECTOR, buf)
+                writer.submit(sector * SECTOR, memoryview(data)[start:start + n * SECTOR])
             return
         if not self.min_sparse or self.job.copy_range:
-            self._write(sector, buf)
+            self._write(sector, data, first, n)
             return
         from imagetools.ops.zeroscan import is_allocated_sectors_min
-        data = buf.obj
-        first = 0
-        while first < n:
-            allocated, count = is_allocated_sectors_min(data, first, n - first, self.min_sparse,
-                                                        sector + first, self.alignment)
+        pos = 0
+        while pos < n:
+            allocated, count = is_allocated_sectors_min(data, first + pos, n - pos,
+                                                        self.min_sparse, sector + pos,
+                                                        self.alignment)
             if allocated:
-                self._write(sector + first, buf[first * SECTOR:(first + count) * SECTOR])
+                self._write(sector + pos, data, first + pos, count)
             else:
-                self._zero(sector + first, count, None)
-            first += count
+                self._zero(sector + pos, count, None)
+            pos += count
 
     def read_into(self, sector: int, n: int, buf: bytearray) -> None:
         """Fill ``buf`` with ``n`` sectors of the concatenated sources from ``sector``."""
@@ -473,17 +480,34 @@ class Copier:
                     warn(f"error while reading offset {offset + at}: {err}")
                 piece[:] = bytes(len(piece))
 
-    def _write(self, sector: int, data) -> None:
+    def _write(self, sector: int, data, first: int, count: int) -> None:
+        """Queue a data write; adjacent writes from one buffer become one request."""
+        pending = self._pending
+        if (pending is not None and pending[1] == sector and pending[2] is data
+                and pending[3] + (pending[1] - pending[0]) == first):
+            pending[1] = sector + count
+            return
+        self._flush_writes()
+        self._pending = [sector, sector + count, data, first]
+
+    def _flush_writes(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        start, end, data, first = pending
+        view = memoryview(data)[first * SECTOR:(first + end - start) * SECTOR]
         try:
-            self.target.write(sector * SECTOR, data)
+            self.target.write(start * SECTOR, view)
         except ImageError as err:
-            raise Reported(f"error while writing at byte {sector * SECTOR}: {err}") from None
-        self.stats.data_bytes_written += len(data)
+            raise Reported(f"error while writing at byte {start * SECTOR}: {err}") from None
+        self.stats.data_bytes_written += len(view)
 
     def _zero(self, sector: int, n: int, writer) -> None:
         self.stats.zero_bytes += n * SECTOR
         if self.has_zero_init:
             return
+        self._flush_writes()
         if writer is not None:
             writer.drain()
         try:
@@ -501,16 +525,32 @@ class Copier:
             time.sleep(delay)
 
 
+def _batches(chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Group runs of adjacent data chunks into reads of up to BATCH_SECTORS.
+
+    A fragmented image has a chunk per cluster; reading (and then writing)
+    adjacent chunks together turns thousands of small requests into a few
+    large ones without changing what is written where.
+    """
+    out: list[list[int]] = []
+    for sector, n in chunks:
+        if out and out[-1][0] + out[-1][1] == sector and out[-1][1] + n <= BATCH_SECTORS:
+            out[-1][1] += n
+        else:
+            out.append([sector, n])
+    return [(s, n) for s, n in out]
+
+
 class _Prefetch:
-    """Reads the plan's data chunks ahead in a thread, in order.
+    """Reads batches of data chunks ahead in a thread, in order.
 
     Reading and writing are system calls that release the GIL, so the next
-    chunk is read while the current one is scanned and written (qemu-img
+    batch is read while the current one is scanned and written (qemu-img
     gets the same overlap from its I/O threads). A few buffers are reused
     so that no memory is allocated per chunk.
     """
 
-    def __init__(self, copier: "Copier", chunks: list[tuple[int, int]], size: int,
+    def __init__(self, copier: "Copier", batches: list[tuple[int, int]], size: int,
                  depth: int = 3) -> None:
         import queue
         import threading
@@ -520,26 +560,27 @@ class _Prefetch:
             self.free.put(bytearray(size))
         self._stop = False
         self._copier = copier
-        self._thread = threading.Thread(target=self._work, args=(chunks,), daemon=True,
+        self._thread = threading.Thread(target=self._work, args=(batches,), daemon=True,
                                         name="qimg-reader")
         self._thread.start()
 
-    def _work(self, chunks: list[tuple[int, int]]) -> None:
+    def _work(self, batches: list[tuple[int, int]]) -> None:
         try:
-            for sector, n in chunks:
+            for sector, n in batches:
                 buf = self.free.get()
                 if self._stop:
                     return
                 self._copier.read_into(sector, n, buf)
-                self.ready.put((buf, None))
+                self.ready.put(((buf, sector, sector + n), None))
         except BaseException as err:          # handed to the main thread
             self.ready.put((None, err))
 
-    def get(self) -> bytearray:
-        buf, err = self.ready.get()
+    def get(self) -> tuple[bytearray, int, int]:
+        """The next batch: (buffer, first sector, end sector)."""
+        batch, err = self.ready.get()
         if err is not None:
             raise err
-        return buf
+        return batch
 
     def release(self, buf: bytearray) -> None:
         self.free.put(buf)

@@ -157,7 +157,8 @@ def print_json(items, start: int = 0) -> None:
     """
     write = sys.stdout.write
     lines: list[str] = []
-    head = "["
+    write("[")
+    head = ""
     cs, cl, cd, cp, cz, cda, co, cf = start, 0, 0, False, False, False, None, None
     try:
         for ext in items:

@@ -15,6 +15,7 @@ SECTOR = 512
 _ZEROS = bytes(32 * 1024 * 1024)
 _ZVIEW = memoryview(_ZEROS)
 _ZERO_SECTOR = bytes(SECTOR)
+_ZERO_WORD = bytes(8)
 
 Buffer = bytes | bytearray
 
@@ -60,9 +61,38 @@ def zero_run(buf: Buffer, first: int, limit: int) -> int:
 
 
 def data_run(buf: Buffer, first: int, limit: int) -> int:
-    """Number of sectors from ``first`` on before the next zero sector (<= ``limit``)."""
+    """Number of sectors from ``first`` on before the next zero sector (<= ``limit``).
+
+    A zero sector starts with eight zero bytes, so the first word of every
+    sector is gathered (a strided copy, 8 bytes per sector) and searched;
+    only sectors whose first word is zero are then checked whole. Data with
+    few zero words (random, compressed, text) costs a few microseconds per
+    megabyte instead of a scan of every byte.
+    """
+    if limit <= 0:
+        return 0
     base = first * SECTOR
-    end = base + limit * SECTOR
+    view = memoryview(buf)[base:base + limit * SECTOR]
+    if len(view) < limit * SECTOR:
+        return _data_run_slow(buf, first, limit)
+    heads = view.cast("B").cast("Q")[::SECTOR // 8].tobytes()
+    search = 0
+    while True:
+        hit = heads.find(_ZERO_WORD, search)
+        if hit < 0:
+            return limit
+        if hit % 8:
+            search = hit - hit % 8 + 8
+            continue
+        sector = hit // 8
+        if buf.startswith(_ZERO_SECTOR, base + sector * SECTOR):
+            return sector
+        search = hit + 8
+
+
+def _data_run_slow(buf: Buffer, first: int, limit: int) -> int:
+    base = first * SECTOR
+    end = min(len(buf), base + limit * SECTOR)
     search = base
     while True:
         hit = buf.find(_ZERO_SECTOR, search, end)

@@ -127,8 +127,6 @@ def test_convert_into_existing_raw_target(sources) -> None:
 
 
 @needs("qcow2")
-@pytest.mark.xfail(strict=True, reason="qcow2 driver: zero writes with unmap do not give the "
-                   "freed clusters back to the host file (QEMU punches holes)")
 def test_convert_into_existing_qcow2_target(sources) -> None:
     sources.setup("ok", "create", "-q", "-f", "qcow2", "pre.qcow2", "16M")
     sources.setup("io", "qcow2", "pre.qcow2", "write -P 0x77 0 16M")
