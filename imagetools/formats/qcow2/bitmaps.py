@@ -1,7 +1,11 @@
-"""Persistent dirty bitmaps of a qcow2 image (the bitmaps extension), read-only.
+"""Persistent dirty bitmaps of a qcow2 image (the bitmaps extension).
 
-Enough to show them as ``qemu-img info`` does (name, granularity, flags),
-to count their clusters in ``check``, and to size them in ``measure``.
+Read to show them as ``qemu-img info`` does (name, granularity, flags), to
+count their clusters in ``check`` and to size them in ``measure``; and kept
+up to date when qimg writes (:class:`BitmapTracker`): an enabled ("auto")
+bitmap is marked in-use before the first guest write, every written range
+sets its bits when the image is closed, then the flag is cleared again --
+so a crash in between leaves the bitmap marked inconsistent, never wrong.
 Directory entries are bounds-checked against QEMU's limits (65535 bitmaps,
 64 MiB directory, names of at most 1023 bytes, granularity 2^9..2^31).
 """
@@ -25,7 +29,7 @@ _DIR_ENTRY = struct.Struct(">QIIBBHI")
 
 class Bitmap:
     __slots__ = ("name", "table_offset", "table_size", "flags", "type", "granularity_bits",
-                 "extra")
+                 "extra", "dir_pos")
 
     def __init__(self, name: str, table_offset: int, table_size: int, flags: int, type_: int,
                  granularity_bits: int, extra: bytes) -> None:
@@ -36,6 +40,8 @@ class Bitmap:
         self.type = type_
         self.granularity_bits = granularity_bits
         self.extra = extra
+        #: byte offset of this entry inside the bitmap directory
+        self.dir_pos = 0
 
     @property
     def granularity(self) -> int:
@@ -104,7 +110,9 @@ def read_bitmaps(file: HostFile, header: Header) -> list[Bitmap]:
             raise CorruptImageError("Bitmap table offset is not cluster aligned")
         extra = raw[pos + _DIR_ENTRY.size:pos + _DIR_ENTRY.size + extra_size]
         name = raw[pos + _DIR_ENTRY.size + extra_size:end].decode("utf-8", "replace")
-        out.append(Bitmap(name, table_offset, table_size, flags, type_, gran_bits, extra))
+        bm = Bitmap(name, table_offset, table_size, flags, type_, gran_bits, extra)
+        bm.dir_pos = pos
+        out.append(bm)
         pos = (end + 7) & ~7
     return out
 
@@ -121,3 +129,94 @@ def read_bitmap_table(file: HostFile, bitmap: Bitmap, image_size: int,
         raise CorruptImageError(f"Bitmap '{bitmap.name}' table is invalid")
     raw = file.pread_full(bitmap.table_offset, 8 * bitmap.table_size)
     return list(struct.unpack(f">{bitmap.table_size}Q", raw))
+
+
+def set_bits(buf: bytearray, lo: int, hi: int) -> None:
+    """Set bits ``lo..hi-1`` of ``buf`` (bit 0 is the least significant of byte 0)."""
+    while lo < hi and lo & 7:
+        buf[lo >> 3] |= 1 << (lo & 7)
+        lo += 1
+    while lo < hi and hi & 7:
+        hi -= 1
+        buf[hi >> 3] |= 1 << (hi & 7)
+    if lo < hi:
+        buf[lo >> 3:hi >> 3] = b"\xff" * ((hi - lo) >> 3)
+
+
+class BitmapTracker:
+    """Keeps the enabled persistent bitmaps of an image open for writing in sync."""
+
+    def __init__(self, drv, bitmaps: list[Bitmap], directory_offset: int) -> None:
+        self.drv = drv
+        self.bitmaps = bitmaps
+        self.directory_offset = directory_offset
+        self.ranges: list[tuple[int, int]] = []
+
+    @classmethod
+    def start(cls, drv) -> "BitmapTracker | None":
+        """Mark the enabled bitmaps in use (before any guest data is written)."""
+        ext = bitmaps_extension(drv.header)
+        if ext is None:
+            return None
+        tracked = [b for b in drv.bitmaps()
+                   if b.flags & BME_FLAG_AUTO and not b.flags & BME_FLAG_IN_USE]
+        if not tracked:
+            return None
+        tracker = cls(drv, tracked, ext.directory_offset)
+        for bm in tracked:
+            tracker._write_flags(bm, bm.flags | BME_FLAG_IN_USE)
+        drv.file.flush()
+        return tracker
+
+    def _write_flags(self, bm: Bitmap, flags: int) -> None:
+        self.drv.file.pwrite(self.directory_offset + bm.dir_pos + 12, struct.pack(">I", flags))
+
+    def note(self, offset: int, length: int) -> None:
+        if length > 0:
+            self.ranges.append((offset, offset + length))
+
+    def finish(self) -> None:
+        """Set the bits of everything written, then clear the in-use flags."""
+        drv = self.drv
+        cs = drv.cluster_size
+        merged: list[list[int]] = []
+        for s, e in sorted(self.ranges):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        updates = []
+        for bm in self.bitmaps:
+            table = read_bitmap_table(drv.file, bm, drv.size, cs)
+            clusters: dict[int, bytearray] = {}
+            gb = bm.granularity_bits
+            for s, e in merged:
+                lo, hi = s >> gb, ((e - 1) >> gb) + 1
+                for ci in range(lo // (8 * cs), (hi - 1) // (8 * cs) + 1):
+                    if ci >= len(table) or table[ci] & 1 and not \
+                            table[ci] & BME_TABLE_ENTRY_OFFSET_MASK:
+                        continue          # all ones already
+                    buf = clusters.get(ci)
+                    if buf is None:
+                        off = table[ci] & BME_TABLE_ENTRY_OFFSET_MASK
+                        buf = bytearray(drv.file.pread_full(off, cs)) if off else bytearray(cs)
+                        clusters[ci] = buf
+                    base = ci * 8 * cs
+                    set_bits(buf, max(lo, base) - base, min(hi, base + 8 * cs) - base)
+            new_entries = {}
+            for ci, buf in clusters.items():
+                off = table[ci] & BME_TABLE_ENTRY_OFFSET_MASK
+                if not off:
+                    off = drv.refcounts.allocate(1) * cs
+                    new_entries[ci] = off
+                drv.file.pwrite(off, bytes(buf))
+            updates.append((bm, new_entries))
+        drv.writeback()                   # new bitmap clusters are counted first
+        for bm, new_entries in updates:
+            for ci, off in new_entries.items():
+                drv.file.pwrite(bm.table_offset + 8 * ci, struct.pack(">Q", off))
+        drv.file.flush()
+        for bm, _ in updates:
+            self._write_flags(bm, bm.flags & ~BME_FLAG_IN_USE)
+        drv.file.flush()
+        self.ranges = []

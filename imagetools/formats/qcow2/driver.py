@@ -671,10 +671,11 @@ class Qcow2Driver(Qcow2Writer, Driver):
         self._first_write_done = True
         h = self.header
         if h.version >= 3:
-            keep = h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW
+            # Autoclear features we do not maintain must be cleared before a
+            # program like us changes the image (unknown ones; the bitmaps bit
+            # stays: enabled bitmaps are kept up to date by BitmapTracker).
+            keep = h.autoclear_features & (hdr.AUTOCLEAR_DATA_FILE_RAW | hdr.AUTOCLEAR_BITMAPS)
             if h.autoclear_features != keep:
-                # We do not maintain persistent bitmaps (or unknown autoclear
-                # features): clearing their bits tells QEMU they are stale.
                 h.autoclear_features = keep
                 self.file.pwrite(88, struct.pack(">Q", keep))
             if self.lazy_refcounts:
@@ -691,6 +692,9 @@ class Qcow2Driver(Qcow2Writer, Driver):
         try:
             if not self.read_only:
                 self.writeback()
+                if self._bitmap_tracker is not None:
+                    self._bitmap_tracker.finish()
+                    self._bitmap_tracker = None
                 if self.is_dirty() and self.lazy_refcounts:
                     self._sync()
                     self._set_incompat(hdr.INCOMPAT_DIRTY, False)

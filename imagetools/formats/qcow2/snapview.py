@@ -36,7 +36,7 @@ class SnapshotView(Qcow2Driver):
         self._compressed_cache = None
         self._prealloc_detected = False
 
-    def _writable(self) -> None:
+    def _writable(self, offset: int = 0, length: int = 0) -> None:
         raise ImageIOError("A snapshot view is read-only")
 
     def writeback(self) -> None:

@@ -81,18 +81,28 @@ class Qcow2Writer:
     discard_passthrough = True
 
     def init_writer(self) -> None:
+        self._bitmaps_started = False
+        self._bitmap_tracker = None
         self._free_byte_offset = 0
         self._meta_clusters: dict[int, str] | None = None
         self._corruption_reported = False
 
     # -- checks ----------------------------------------------------------
 
-    def _writable(self) -> None:
+    def _writable(self, offset: int = 0, length: int = 0) -> None:
+        """Refuse writes to read-only/corrupt/encrypted images; note the range
+        for the enabled persistent bitmaps (marking them in use first)."""
         if self.read_only:
             raise ImageIOError("Image is read-only", errno.EACCES)
         if self.corrupt:
             raise ImageIOError("qcow2: Image is corrupt; cannot be written to", errno.EIO)
         self._check_crypto()
+        if not self._bitmaps_started:
+            self._bitmaps_started = True
+            from imagetools.formats.qcow2.bitmaps import BitmapTracker
+            self._bitmap_tracker = BitmapTracker.start(self)
+        if self._bitmap_tracker is not None:
+            self._bitmap_tracker.note(offset, length)
 
     # -- L2 tables for writing ---------------------------------------------
 
@@ -184,16 +194,16 @@ class Qcow2Writer:
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
-        self._writable()
         self._check_range(offset, len(view))
+        self._writable(offset, len(view))
         if not len(view):
             return
         self._write_source(offset, len(view), _ViewSource(view, offset))
 
     def write_from_fd(self, offset: int, length: int, src_fd: int, src_offset: int) -> None:
         """Write guest bytes taken from ``src_fd``; data moves with copy_file_range."""
-        self._writable()
         self._check_range(offset, length)
+        self._writable(offset, length)
         if length:
             self._write_source(offset, length, _FdSource(src_fd, src_offset, offset))
 
@@ -384,8 +394,8 @@ class Qcow2Writer:
     # -- zeroes and discards -------------------------------------------------------
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._writable()
         self._check_range(offset, length)
+        self._writable(offset, length)
         if not length:
             return
         self._compressed_cache = None
@@ -494,8 +504,8 @@ class Qcow2Writer:
 
     def discard(self, offset: int, length: int) -> None:
         """Drop whole clusters (QEMU ignores partial ones, except a final partial one)."""
-        self._writable()
         self._check_range(offset, length)
+        self._writable(offset, length)
         cs = self._cluster_size
         start = -(-offset // cs) * cs
         end = (offset + length) // cs * cs
@@ -557,7 +567,7 @@ class Qcow2Writer:
 
     def write_compressed_blob(self, offset: int, blob: bytes | None, length: int,
                               plain: bytes | None = None) -> None:
-        self._writable()
+        self._writable(offset, length)
         cs = self._cluster_size
         if offset % cs or not (length == cs or offset + length == self._size):
             raise ImageError("Compressed writes must cover exactly one cluster")

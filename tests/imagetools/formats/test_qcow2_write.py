@@ -270,3 +270,45 @@ def test_writes_after_internal_snapshot_copy_on_write(qemu_img, qemu_io, tmp_pat
     assert out.read_bytes() == snap_before.read_bytes()
     run(qemu_img, "snapshot", "-d", "before", path)
     assert qemu_check(qemu_img, path)["rc"] == 0
+
+
+def _bitmap_bits(path: str) -> dict:
+    """name -> (flags, bitmap data bytes) read straight from the file."""
+    from imagetools.formats.qcow2.bitmaps import (
+        BME_TABLE_ENTRY_OFFSET_MASK, read_bitmap_table)
+    out = {}
+    with open_image(path, "qcow2", force_share=True) as drv:
+        for bm in drv.bitmaps():
+            data = b""
+            for entry in read_bitmap_table(drv.file, bm, drv.size, drv.cluster_size):
+                off = entry & BME_TABLE_ENTRY_OFFSET_MASK
+                data += drv.file.pread_full(off, drv.cluster_size) if off else \
+                    (b"\xff" if entry & 1 else b"\0") * drv.cluster_size
+            out[bm.name] = (bm.flag_names(), data)
+    return out
+
+
+def test_enabled_bitmaps_track_writes_like_qemu(qemu_img, qemu_io, tmp_path):
+    twins = []
+    for name in ("ours", "theirs"):
+        path = str(tmp_path / f"{name}.qcow2")
+        run(qemu_img, "create", "-q", "-f", "qcow2", path, "64M")
+        run(qemu_img, "bitmap", "--add", path, "b0")
+        run(qemu_img, "bitmap", "--add", "-g", "128k", path, "b1")
+        run(qemu_img, "bitmap", "--add", "--disable", path, "off")
+        io_cmds(qemu_io, path, "write -P 1 1m 64k")
+        twins.append(path)
+    ours, theirs = twins
+    cmds = ("write -P 0x11 5000 70000", "write -z 10m 1m", "discard 20m 2m",
+            "write -P 0x12 63m 1m", "write -P 0x13 32m 4096")
+    with open_image(ours, "qcow2", read_only=False) as drv:
+        apply(drv, cmds)
+        with open(ours, "rb"):
+            pass
+        assert _bitmap_bits(ours)["b0"][0] == ["in-use", "auto"]     # marked while open
+    io_cmds(qemu_io, theirs, *cmds)
+    assert _bitmap_bits(ours) == _bitmap_bits(theirs)
+    assert qemu_check(qemu_img, ours)["rc"] == 0
+    info = json.loads(run(qemu_img, "info", "--output=json", ours).stdout)
+    assert [b["flags"] for b in info["format-specific"]["data"]["bitmaps"]] == \
+        [["auto"], ["auto"], []]
