@@ -77,8 +77,17 @@ def guest_exec(ctx, path: str, arg: list[str] | None = None, env: list[str] | No
     environment = _environment(env) if env is not None else None
     try:
         executable = _resolve(ctx, path, environment)
-        popen = ctx.platform.spawn(argv, executable=os.fsdecode(executable), env=environment,
-                                   stdin=stdin_data is not None, capture=capture_output)
+        try:
+            popen = ctx.platform.spawn(argv, executable=os.fsdecode(executable),
+                                       env=environment, stdin=stdin_data is not None,
+                                       capture=capture_output)
+        except OSError as err:
+            if err.errno != errno.ENOEXEC:
+                raise
+            # no #! line: glib runs the file with /bin/sh, as execvp(3) does
+            popen = ctx.platform.spawn([b"/bin/sh", executable, *argv[1:]],
+                                       executable="/bin/sh", env=environment,
+                                       stdin=stdin_data is not None, capture=capture_output)
     except OSError as err:
         raise AgentError("Guest agent command failed, error was 'Failed to execute child "
                          f"process \u201c{path}\u201d ({strerror(err)})'") from None

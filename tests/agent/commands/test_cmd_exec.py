@@ -115,6 +115,15 @@ def test_program_search_uses_envs_path_else_the_agents(call, tmp_path):
         "\u201conly-here\u201d (No such file or directory)'")
 
 
+@pytest.mark.timeout(30)
+def test_script_without_interpreter_line_runs_with_sh(call, tmp_path):
+    script = tmp_path / "plain"
+    script.write_text('echo "$0" "$@"\n')
+    script.chmod(0o755)
+    _pid, status = run(call, str(script), "a b", **{"capture-output": True})
+    assert decoded(status, "out") == f"{script} a b\n".encode()
+
+
 @pytest.mark.parametrize("path, reason", [
     ("/no/such/program", "No such file or directory"),
     ("/tmp", "Permission denied"),
@@ -159,6 +168,9 @@ def test_output_is_capped_at_16_mib_and_flagged(call):
 @pytest.mark.timeout(60)
 def test_same_answers_as_qemu_ga(reference_agent, tmp_path):
     ours = make_ctx(Platform(), tmp_path)
+    plain = tmp_path / "plain-script"
+    plain.write_text('echo "$0" "$@"\n')
+    plain.chmod(0o755)
     cases = [
         {"path": "/bin/echo", "arg": ["hi"], "capture-output": True},
         {"path": "/bin/echo", "arg": ["hi"]},
@@ -174,6 +186,7 @@ def test_same_answers_as_qemu_ga(reference_agent, tmp_path):
         {"path": "/no/such/program", "capture-output": True},
         {"path": "nosuchprogram-xyz"},
         {"path": "/bin/cat", "input-data": "@@@"},
+        {"path": str(plain), "arg": ["x"], "capture-output": True},
     ]
 
     def session(call):
