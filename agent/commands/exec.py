@@ -117,9 +117,14 @@ def _resolve(ctx, path: str, environment: list[tuple[bytes, bytes]] | None) -> b
             search = os.fsdecode(value)
             break
     found = ctx.platform.find_program(os.fsdecode(name), search)
-    if found is None:
-        raise FileNotFoundError(errno.ENOENT, "not found")
-    return os.fsencode(found)
+    if found is not None:
+        return os.fsencode(found)
+    # like execvp: a match that cannot be executed (no x bit, a directory)
+    # makes the search fail with EACCES rather than ENOENT
+    dirs = (search if search is not None else ctx.platform.getenv("PATH") or "").split(":")
+    if any(ctx.platform.exists(os.path.join(d or ".", os.fsdecode(name))) for d in dirs):
+        raise PermissionError(errno.EACCES, "not executable")
+    raise FileNotFoundError(errno.ENOENT, "not found")
 
 
 def _start_threads(proc: Process, stdin_data: bytes | None) -> None:

@@ -187,7 +187,10 @@ def test_same_answers_as_qemu_ga(reference_agent, tmp_path):
         {"path": "nosuchprogram-xyz"},
         {"path": "/bin/cat", "input-data": "@@@"},
         {"path": str(plain), "arg": ["x"], "capture-output": True},
+        {"path": "plain-script", "env": [f"PATH={tmp_path}"]},
+        {"path": "not-executable", "env": [f"PATH=/nonexistent:{tmp_path}"]},
     ]
+    (tmp_path / "not-executable").write_text("echo\n")
 
     def session(call):
         results = []
