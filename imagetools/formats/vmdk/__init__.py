@@ -375,6 +375,10 @@ class VmdkDriver(MappedDriver):
 
     # -- lifetime ------------------------------------------------------------------------------
 
+    def host_files(self) -> list:
+        """The descriptor (or monolithic) file and every extent file."""
+        return [self.file] + [f for f in self._files if f is not self.file]
+
     def flush(self) -> None:
         self.file.flush()
         for efile in self._files:
