@@ -168,7 +168,7 @@ class SnapshotInfo:
     """
 
     __slots__ = ("id", "name", "vm_state_size", "date_sec", "date_nsec", "vm_clock_nsec",
-                 "icount", "disk_size", "l1_table_offset", "l1_size", "extra")
+                 "icount", "disk_size", "l1_table_offset", "l1_size", "extra", "incomplete")
 
     def __init__(self, id: str, name: str, vm_state_size: int, date_sec: int, date_nsec: int,
                  vm_clock_nsec: int, icount: int | None, disk_size: int | None,
@@ -184,6 +184,8 @@ class SnapshotInfo:
         self.l1_table_offset = l1_table_offset
         self.l1_size = l1_size
         self.extra = extra
+        #: the table entry runs past the end of the file (read as zeros)
+        self.incomplete = False
 
     def __repr__(self) -> str:
         return f"SnapshotInfo(id={self.id!r}, name={self.name!r})"

@@ -162,9 +162,13 @@ def check_image(drv: "Qcow2Driver") -> CheckResult:
 def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
     h = drv.header
     cs = drv.cluster_size
+    snaps = drv.snapshots()
+    for i, sn in enumerate(snaps):
+        if sn.incomplete:
+            res.report(f"ERROR snapshot table entry {i} is incomplete")
+            res.corruptions += 1
     counter.inc(0, cs)
     _check_l1(drv, res, counter, h.l1_table_offset, h.l1_size, active=True)
-    snaps = drv.snapshots()
     if drv.data_file is not None and snaps:
         res.report(f"ERROR {len(snaps)} snapshots in image with data file")
         res.corruptions += 1
@@ -182,7 +186,13 @@ def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter
             continue
         key = (sn.l1_table_offset, sn.l1_size)
         seen_l1[key] = seen_l1.get(key, 0) + 1
+    budget = 4 * counter.file_len + (64 << 20)     # hostile overlapping L1 tables
     for (l1_offset, l1_size), count in seen_l1.items():
+        budget -= 8 * l1_size
+        if budget < 0:
+            res.report("ERROR snapshot L1 tables are larger than the image file can hold")
+            res.corruptions += 1
+            break
         _check_l1(drv, res, counter, l1_offset, l1_size, active=False, times=count)
     if h.nb_snapshots:
         from imagetools.formats.qcow2.snapshots import snapshot_table_size
@@ -226,8 +236,10 @@ def _check_l1(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l1_offset
         counter.inc(l1_offset, l1_size * 8)
     if active:
         l1 = drv.l1.values
+    elif not l1_size or l1_offset >= counter.file_len:
+        l1 = []                           # past the end of the file: all zeros
     else:
-        l1 = read_be64_array(drv.file, l1_offset, l1_size) if l1_size else []
+        l1 = read_be64_array(drv.file, l1_offset, l1_size)
     # An L2 table referenced many times (hostile or not) is walked once and
     # counted as often as it is referenced, so the work stays bounded by the
     # file size rather than by the L1 size. Normal tables keep QEMU's order.

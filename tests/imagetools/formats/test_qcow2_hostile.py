@@ -77,11 +77,17 @@ def test_tables_past_end_of_file(image):
         open_image(image)
 
 
-def test_snapshot_table_past_end_of_file(image):
+def test_snapshot_table_past_end_of_file(qemu_img, image):
+    """QEMU reads zeros there; its check calls the entries incomplete."""
     poke(image, 60, ">I", 3)
     poke(image, 64, ">Q", 1 << 30)
-    with pytest.raises(ImageOpenError, match="Snapshot table"):
-        open_image(image)
+    info = json.loads(run(qemu_img, "info", "--output=json", image).stdout)
+    proc = run(qemu_img, "check", image, check=False)
+    with open_image(image) as drv:
+        assert [s.to_json() for s in drv.snapshots()] == info["snapshots"]
+        res = drv.check()
+    assert res.messages == proc.stderr.splitlines()
+    assert res.exit_code == proc.returncode == 2
 
 
 def test_write_onto_metadata_marks_corrupt_like_qemu(qemu_img, qemu_io, image, tmp_path):
