@@ -56,8 +56,10 @@ class Extent:
     ``present``  allocated somewhere in the chain (false: nothing in the
                  chain has it; it reads as zeros because the chain ends)
     ``zero``     reads as zeros
-    ``data``     the bytes come from a file (normal or compressed data, and
-                 preallocated zero clusters, which have ``zero`` and ``data``)
+    ``data``     the bytes come from a file (normal or compressed data; a
+                 data cluster of a metadata-preallocated qcow2 that is a hole
+                 in the file has ``zero`` and ``data``, a preallocated zero
+                 cluster has ``zero`` and an ``offset`` but no ``data``)
     ``offset``   host offset of the data in ``filename``, when it is stored
                  there contiguously and uncompressed; else None
     ``depth``    0 for this image, 1 for its backing file, ...; for
@@ -214,7 +216,11 @@ class SnapshotInfo:
 
 
 class Driver:
-    """An open image. Subclasses implement the methods that raise here."""
+    """An open image. Subclasses implement the methods that raise here.
+
+    A driver object is not thread-safe: use it from one thread at a time
+    (the compressor it hands out is the exception).
+    """
 
     #: the name used by -f/-O and in info ("raw", "qcow2", ...)
     format_name: str = ""
