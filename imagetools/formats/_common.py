@@ -37,7 +37,7 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from imagetools.errors import (CorruptImageError, ImageError, ImageIOError, ImageOpenError,
                                UnsupportedError)
@@ -311,6 +311,44 @@ class MappedDriver(Driver):
         self._size = 0
         self._opaque_cache: tuple[Any, bytes] | None = None
 
+    # -- class level --------------------------------------------------------------
+
+    @classmethod
+    def probe(cls, header: bytes, filename: str) -> int:
+        from imagetools.formats import magic
+        return magic.score(cls.format_name, header, filename)
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
+             probed: bool = False) -> "MappedDriver":
+        """Open the container file (with QEMU's locks) and parse it.
+
+        Any engine error while parsing becomes ``Could not open 'F': reason``
+        and the file is closed again.
+        """
+        from imagetools.formats.hostfile import HostFile
+        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
+        try:
+            return cls.from_file(file, read_only=read_only, force_share=force_share)
+        except ImageOpenError:
+            file.close()
+            raise
+        except ImageError as err:
+            file.close()
+            raise ImageOpenError(filename, cls.open_reason(filename, err)) from None
+        except BaseException:
+            file.close()
+            raise
+
+    @classmethod
+    def from_file(cls, file, *, read_only: bool, force_share: bool) -> "MappedDriver":
+        return cls(file, read_only=read_only)
+
+    @classmethod
+    def open_reason(cls, filename: str, err: ImageError) -> str:
+        """The reason part of an open error (hook for QEMU's errno-only failures)."""
+        return str(err)
+
     # -- to implement -------------------------------------------------------
 
     def _runs(self, offset: int, length: int) -> Iterator[Run]:
@@ -439,6 +477,28 @@ class MappedDriver(Driver):
     def _writable(self) -> None:
         if self.read_only:
             raise ImageIOError("Image is read-only", errno.EACCES)
+
+    # -- writes (formats that keep a ClusterMap in ``self._map``) -------------------
+
+    def write(self, offset: int, data) -> None:
+        self._writable()
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        if len(view):
+            self._before_write()
+            cluster_write(self._map, offset, view)
+
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Formats without a zero-cluster marker: zeros where anything is stored."""
+        self._writable()
+        self._check_range(offset, length)
+        if length:
+            self._before_write()
+            write_zeroes_plain(self._map, offset, length, has_backing=self.backing is not None)
+
+    def _before_write(self) -> None:
+        """Hook: what a format does before the first byte of a write."""
+        self._opaque_cache = None
 
     # Formats without discard in QEMU accept it and do nothing.
     def discard(self, offset: int, length: int) -> None:
@@ -648,27 +708,15 @@ class ReadOnlyDriver(MappedDriver):
     """
 
     @classmethod
-    def open_file(cls, filename: str, *, read_only: bool, force_share: bool):
-        from imagetools.formats.hostfile import HostFile
-        if not read_only:
-            raise ImageOpenError(filename, "Image is read-only")
-        return HostFile.open(filename, read_only=True, force_share=force_share)
-
-    @classmethod
     def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
              probed: bool = False) -> "ReadOnlyDriver":
-        file = cls.open_file(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
+        if not read_only:
+            raise ImageOpenError(filename, "Image is read-only")
+        return super().open(filename, read_only=True, force_share=force_share)
+
+    @classmethod
+    def from_file(cls, file, *, read_only: bool, force_share: bool) -> "ReadOnlyDriver":
+        return cls(file)
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:

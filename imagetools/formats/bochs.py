@@ -14,7 +14,6 @@ import struct
 from typing import Iterator
 
 from imagetools.errors import ImageOpenError
-from imagetools.formats import magic
 from imagetools.formats._common import (DATA, SECTOR, ZERO, ReadOnlyDriver, Run, cstr,
                                         div_round_up, is_pow2, read_table)
 
@@ -52,10 +51,6 @@ class BochsDriver(ReadOnlyDriver):
         self.extent_blocks = 1 + (extent - 1) // SECTOR
         self.extent = extent
         self._bitmap_cache: tuple[int, bytes] | None = None
-
-    @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
 
     def _bitmap(self, base: int) -> bytes:
         if self._bitmap_cache is None or self._bitmap_cache[0] != base:

@@ -13,7 +13,6 @@ import zlib
 from typing import Iterator
 
 from imagetools.errors import ImageIOError, ImageOpenError
-from imagetools.formats import magic
 from imagetools.formats._common import OPAQUE, ReadOnlyDriver, Run, read_table
 
 MAX_BLOCK_SIZE = 64 << 20
@@ -51,10 +50,6 @@ class CloopDriver(ReadOnlyDriver):
         self.block_size = block_size
         self.n_blocks = n_blocks
         self._size = n_blocks * block_size
-
-    @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
 
     def _runs(self, offset: int, length: int) -> Iterator[Run]:
         bs = self.block_size

@@ -26,7 +26,6 @@ import zlib
 from typing import Iterator
 
 from imagetools.errors import ImageIOError, ImageOpenError
-from imagetools.formats import magic
 from imagetools.formats._common import (DATA, OPAQUE, SECTOR, ZERO, ReadOnlyDriver, Run)
 
 UDZE, UDRW, UDIG = 0x00000000, 0x00000001, 0x00000002
@@ -172,10 +171,6 @@ class DmgDriver(ReadOnlyDriver):
     def _warn_once(self, text: str) -> None:
         if text not in self.warnings:
             self.warnings.append(text)
-
-    @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
 
     # -- mapping ----------------------------------------------------------------------------
 

@@ -26,12 +26,10 @@ import struct
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError
-from imagetools.formats import magic
 from imagetools.formats._common import (DATA, SECTOR, UNALLOC, CheckResult, ClusterMap,
-                                        MappedDriver, OptionSpec, Run, cluster_write,
-                                        div_round_up, file_preallocation, le_table,
-                                        new_host_file, refuse_options, round_up, size_option,
-                                        table_bytes, write_zeroes_plain)
+                                        MappedDriver, OptionSpec, Run, div_round_up,
+                                        file_preallocation, le_table, new_host_file,
+                                        refuse_options, round_up, size_option, table_bytes)
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = b"WithoutFreeSpace"
@@ -111,26 +109,6 @@ class ParallelsDriver(MappedDriver):
     # -- class level ------------------------------------------------------------------------
 
     @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "ParallelsDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
-
-    @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         refuse_options(options, ("cluster_size",))
         file_preallocation(options)
@@ -195,18 +173,6 @@ class ParallelsDriver(MappedDriver):
             pos += n
 
     # -- writes --------------------------------------------------------------------------------
-
-    def write(self, offset: int, data) -> None:
-        self._writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if len(view):
-            cluster_write(self._map, offset, view)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._writable()
-        self._check_range(offset, length)
-        write_zeroes_plain(self._map, offset, length, has_backing=self.backing is not None)
 
     def _close_metadata(self) -> None:
         self._set_inuse(0)

@@ -29,11 +29,9 @@ from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, ImageOpenError, \
     UnsupportedError
-from imagetools.formats import magic
 from imagetools.formats._common import (DATA, OPAQUE, SECTOR, UNALLOC, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, be_table, cluster_write,
-                                        file_preallocation, new_host_file, refuse_options,
-                                        round_up, table_bytes, write_zeroes_plain)
+                                        OptionSpec, Run, be_table, file_preallocation,
+                                        new_host_file, refuse_options, round_up, table_bytes)
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = b"QFI\xfb"
@@ -103,26 +101,6 @@ class QcowDriver(MappedDriver):
         self._map = _QcowMap(self)
 
     # -- class level ----------------------------------------------------------------------
-
-    @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "QcowDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
@@ -250,20 +228,6 @@ class QcowDriver(MappedDriver):
         return True
 
     # -- writes -----------------------------------------------------------------------------
-
-    def write(self, offset: int, data) -> None:
-        self._writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if len(view):
-            self._opaque_cache = None
-            cluster_write(self._map, offset, view)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._writable()
-        self._check_range(offset, length)
-        self._opaque_cache = None
-        write_zeroes_plain(self._map, offset, length, has_backing=self.backing is not None)
 
     def compressor(self):
         cluster = self.cluster

@@ -27,11 +27,10 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError
-from imagetools.formats import magic
-from imagetools.formats._common import (DATA, UNALLOC, ZERO, CheckResult, ClusterMap,
-                                        MappedDriver, OptionSpec, Run, cluster_write,
-                                        file_preallocation, is_pow2, le_table, new_host_file,
-                                        refuse_options, round_up, size_option, table_bytes)
+from imagetools.formats._common import (DATA, UNALLOC, ZERO, CheckResult, ClusterMap, MappedDriver,
+                                        OptionSpec, Run, file_preallocation, is_pow2, le_table,
+                                        new_host_file, refuse_options, round_up, size_option,
+                                        table_bytes)
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = 0x00444551
@@ -162,26 +161,6 @@ class QedDriver(MappedDriver):
     # -- class level --------------------------------------------------------------
 
     @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "QedDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
-
-    @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         refuse_options(options, ("backing_file", "backing_fmt", "cluster_size", "table_size"))
         file_preallocation(options)
@@ -301,13 +280,6 @@ class QedDriver(MappedDriver):
         return True
 
     # -- writes ----------------------------------------------------------------------------
-
-    def write(self, offset: int, data) -> None:
-        self._writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if len(view):
-            cluster_write(self._map, offset, view)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Whole clusters become zero clusters; partial ones get zero data."""

@@ -27,13 +27,11 @@ import struct
 import uuid
 from typing import Any, Iterator
 
-from imagetools.errors import CorruptImageError, ImageError, ImageOpenError, UnsupportedError
-from imagetools.formats import magic
+from imagetools.errors import CorruptImageError, ImageOpenError, UnsupportedError
 from imagetools.formats._common import (DATA, RECURSE, SECTOR, ZERO, CheckResult, ClusterMap,
-                                        MappedDriver, OptionSpec, Run, bool_option,
-                                        cluster_write, div_round_up, file_preallocation,
-                                        new_host_file, read_table, refuse_options, round_up,
-                                        table_bytes, write_zeroes_plain)
+                                        MappedDriver, OptionSpec, Run, bool_option, div_round_up,
+                                        file_preallocation, new_host_file, read_table,
+                                        refuse_options, round_up, table_bytes)
 from imagetools.formats.hostfile import HostFile
 
 SIGNATURE = 0xBEDA107F
@@ -134,26 +132,6 @@ class VdiDriver(MappedDriver):
     # -- class level -------------------------------------------------------------
 
     @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "VdiDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
-
-    @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
         refuse_options(options, ("static",))
         if options.get("backing_file"):
@@ -222,18 +200,6 @@ class VdiDriver(MappedDriver):
         return self.header.image_type != TYPE_STATIC or not self.file.is_block
 
     # -- writes --------------------------------------------------------------------
-
-    def write(self, offset: int, data) -> None:
-        self._writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if len(view):
-            cluster_write(self._map, offset, view)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._writable()
-        self._check_range(offset, length)
-        write_zeroes_plain(self._map, offset, length, has_backing=False)
 
     # -- check -----------------------------------------------------------------------
 

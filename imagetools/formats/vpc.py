@@ -32,7 +32,6 @@ import uuid
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError, UnsupportedError
-from imagetools.formats import magic
 from imagetools.formats._common import (DATA, RECURSE, SECTOR, ZERO, ClusterMap, MappedDriver,
                                         OptionSpec, Run, bool_option, cluster_write,
                                         file_preallocation, is_pow2, new_host_file,
@@ -199,26 +198,6 @@ class VpcDriver(MappedDriver):
         self.free_data_block_offset = free
 
     # -- class level -----------------------------------------------------------------
-
-    @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "VpcDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:

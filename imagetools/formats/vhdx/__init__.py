@@ -29,12 +29,9 @@ import struct
 import uuid
 from typing import Any, Iterator
 
-from imagetools.errors import (CorruptImageError, ImageError, ImageIOError, ImageOpenError,
-                               UnsupportedError)
-from imagetools.formats import magic
+from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
 from imagetools.formats._common import (DATA, ZERO, CheckResult, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, cluster_write, read_table, table_bytes,
-                                        write_zeroes_plain)
+                                        OptionSpec, Run, read_table, table_bytes)
 from imagetools.formats.base import Extent
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.vhdx import log as vlog
@@ -318,30 +315,13 @@ class VhdxDriver(MappedDriver):
     # -- class level ------------------------------------------------------------------------
 
     @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "VhdxDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only)
-        except _Invalid as err:
-            file.close()
-            text = str(err)
-            if text in (EINVAL_TEXT, ENOTSUP_TEXT):
-                text = f"Could not open '{filename}': {text}"
-            raise ImageOpenError(filename, text) from None
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
+    def open_reason(cls, filename: str, err: ImageError) -> str:
+        """QEMU fails most vhdx opens with a bare errno: qemu-img then says
+        ``Could not open 'F': Could not open 'F': Invalid argument``."""
+        text = str(err)
+        if isinstance(err, _Invalid) and text in (EINVAL_TEXT, ENOTSUP_TEXT):
+            return f"Could not open '{filename}': {text}"
+        return text
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:
@@ -394,21 +374,8 @@ class VhdxDriver(MappedDriver):
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, offset: int, data) -> None:
-        self._writable()
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view))
-        if not len(view):
-            return
+    def _before_write(self) -> None:
         self.user_visible_write()
-        cluster_write(self._map, offset, view)
-
-    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
-        self._writable()
-        self._check_range(offset, length)
-        if length:
-            self.user_visible_write()
-            write_zeroes_plain(self._map, offset, length, has_backing=False)
 
     def write_bat_sectors(self, indexes: set[int]) -> None:
         """Write the BAT sectors holding ``indexes`` through the log, as QEMU does."""

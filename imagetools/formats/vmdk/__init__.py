@@ -27,8 +27,7 @@ import errno
 import random
 from typing import Any, Iterator
 
-from imagetools.errors import ImageError, ImageIOError, ImageOpenError, UnsupportedError
-from imagetools.formats import magic
+from imagetools.errors import ImageIOError, ImageOpenError, UnsupportedError
 from imagetools.formats._common import (OPAQUE, SECTOR, CheckResult, MappedDriver, OptionSpec,
                                         Run, round_up)
 from imagetools.formats.hostfile import HostFile
@@ -170,24 +169,8 @@ class VmdkDriver(MappedDriver):
     # -- class level --------------------------------------------------------------------------
 
     @classmethod
-    def probe(cls, header: bytes, filename: str) -> int:
-        return magic.score(cls.format_name, header, filename)
-
-    @classmethod
-    def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "VmdkDriver":
-        file = HostFile.open(filename, read_only=read_only, force_share=force_share)
-        try:
-            return cls(file, read_only=read_only, force_share=force_share)
-        except ImageOpenError:
-            file.close()
-            raise
-        except ImageError as err:
-            file.close()
-            raise ImageOpenError(filename, str(err)) from None
-        except BaseException:
-            file.close()
-            raise
+    def from_file(cls, file, *, read_only: bool, force_share: bool) -> "VmdkDriver":
+        return cls(file, read_only=read_only, force_share=force_share)
 
     @classmethod
     def create(cls, filename: str, size: int, options: dict[str, Any]) -> None:

@@ -6,21 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from of_helpers import FORMATS, make_sample
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """Route -f NAME to our driver modules even before the registry names them."""
-    import importlib
-
-    from imagetools import formats
-    for name in FORMATS:
-        try:
-            importlib.import_module(f"imagetools.formats.{name}")
-        except ImportError:
-            continue
-        monkeypatch.setitem(formats._MODULE_OF, name, name)
+from of_helpers import make_sample
 
 
 @pytest.fixture(scope="session")

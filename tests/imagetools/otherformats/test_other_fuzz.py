@@ -28,10 +28,6 @@ pytestmark = [pytest.mark.oracle, pytest.mark.slow, pytest.mark.timeout(300)]
 CHILD = textwrap.dedent(r"""
     import resource, signal, sys, traceback
     resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
-    from imagetools import formats
-    for name in ("qcow", "qed", "vdi", "vpc", "vhdx", "vmdk", "parallels", "bochs", "cloop",
-                 "dmg"):
-        formats._MODULE_OF[name] = name
     from imagetools.errors import ImageError
     from imagetools.image import open_image
 
