@@ -134,3 +134,25 @@ def test_writes_are_read_back_by_qemu(tmp_path, case):
         assert drv.read(0, drv.size) == want
     finally:
         drv.close()
+
+
+@pytest.mark.parametrize("creator", [b"win ", b"qemu", b"d2v ", b"vpc "])
+def test_vpc_size_rules_follow_the_creator(tmp_path, creator):
+    """QEMU takes the footer's size for Hyper-V and friends, CHS for the others."""
+    import struct
+    path = tmp_path / "c.vhd"
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", "force_size=on", str(path), "5000000")
+    with open(path, "r+b") as f:
+        footer = bytearray(f.read(512))
+        footer[28:32] = creator
+        footer[56:60] = struct.pack(">HBB", 300, 4, 17)      # a CHS smaller than the size
+        footer[64:68] = bytes(4)
+        footer[64:68] = struct.pack(">I", ~sum(footer) & 0xFFFFFFFF)
+        for where in (0, path.stat().st_size - 512):
+            f.seek(where)
+            f.write(footer)
+    drv = open_image(str(path), "vpc")
+    try:
+        assert drv.size == qemu_info(str(path), "vpc")["virtual-size"]
+    finally:
+        drv.close()
