@@ -239,11 +239,38 @@ class Qcow2Writer:
         return host or None
 
     def _write_slice(self, l1i: int, pos: int, end: int, source) -> None:
+        """Write guest ``[pos, end)`` (inside one L2 table's range)."""
+        table = self._l2_for_write(l1i)
+        cs = self._cluster_size
+        if not self.layout.extended_l2 and self.data_file is None:
+            lo = -(-pos // cs) * cs
+            hi = end // cs * cs
+            if hi > lo:
+                mask = self.layout.l2_entries - 1
+                ia = (lo >> self.cluster_bits) & mask
+                ib = ia + ((hi - lo) >> self.cluster_bits)
+                if not any(table.values[ia:ib]):
+                    # Whole unallocated clusters: one allocation, one write,
+                    # the entries set in one go (the common convert case).
+                    if pos < lo:
+                        self._write_clusters(table, pos, lo, source)
+                    from array import array
+                    host = self.refcounts.allocate(ib - ia) * cs
+                    self._write_segments([(host, source.part(lo, hi))])
+                    first = host | QCOW_OFLAG_COPIED
+                    table.values[ia:ib] = array("Q", range(first, first + (hi - lo), cs))
+                    table.dirty = True
+                    if hi < end:
+                        self._write_clusters(table, hi, end, source)
+                    return
+        self._write_clusters(table, pos, end, source)
+
+    def _write_clusters(self, table, pos: int, end: int, source) -> None:
+        """The general path: each cluster planned on its own (COW, subclusters)."""
         layout = self.layout
         cs = self._cluster_size
         cbits = self.cluster_bits
         mask = layout.l2_entries - 1
-        table = self._l2_for_write(l1i)
         values = table.values
         ext = layout.extended_l2
         first_ci, last_ci = pos >> cbits, (end - 1) >> cbits
