@@ -20,6 +20,7 @@ open_backing=True, backing_fmt=None) -> Driver``
       :class:`~imagetools.errors.ImageOpenError`, worded as qemu-img words
       it: ``Could not open 'top': Could not open backing file: <reason>``.
 
+    ``check=True`` is how ``qemu-img check`` opens (see the function);
     ``open_backing=False`` is what ``qemu-img info`` does (no chain);
     ``cache`` is qemu-img's -t mode (only "unsafe" changes anything: no
     fdatasync at all, as qemu-img convert's default).
@@ -134,7 +135,7 @@ def read_probe_header(filename: str) -> tuple[str, bytes]:
 # -- opening ---------------------------------------------------------------
 
 def _open_one(filename: str, fmt: str | None, *, read_only: bool,
-              force_share: bool) -> Driver:
+              force_share: bool, check: bool = False) -> Driver:
     path = _protocol_file(filename)
     probed = fmt is None
     if fmt is None:
@@ -143,7 +144,8 @@ def _open_one(filename: str, fmt: str | None, *, read_only: bool,
         cls = driver_class(fmt)
     except ImageError as err:
         raise ImageOpenError(filename, str(err)) from None
-    drv = cls.open(path, read_only=read_only, force_share=force_share, probed=probed)
+    extra = {"check_mode": True} if check and getattr(cls, "supports_check_mode", False) else {}
+    drv = cls.open(path, read_only=read_only, force_share=force_share, probed=probed, **extra)
     drv.format_probed = probed
     if drv.filename != filename:
         drv.filename = filename
@@ -152,12 +154,17 @@ def _open_one(filename: str, fmt: str | None, *, read_only: bool,
 
 def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
                force_share: bool = False, open_backing: bool = True,
-               backing_fmt: str | None = None, cache: str | None = None) -> Driver:
+               backing_fmt: str | None = None, cache: str | None = None,
+               check: bool = False) -> Driver:
     """Open ``filename`` and (unless ``open_backing`` is false) its backing chain.
 
     ``cache`` is qemu-img's -t mode for this image ("unsafe" skips fdatasync).
+    ``check`` opens for ``qemu-img check`` (QEMU's BDRV_O_CHECK): damage that
+    would refuse a normal open (no refcount table, a broken snapshot table)
+    is left for the check to report, and a dirty image is not repaired.
     """
-    top = _open_one(filename, fmt, read_only=read_only, force_share=force_share)
+    top = _open_one(filename, fmt, read_only=read_only, force_share=force_share,
+                    check=check)
     try:
         if cache is not None:
             top.set_cache_mode(cache)

@@ -162,6 +162,9 @@ def check_image(drv: "Qcow2Driver") -> CheckResult:
 def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
     h = drv.header
     cs = drv.cluster_size
+    for line in getattr(drv, "open_errors", ()):
+        res.report(line)
+        res.corruptions += 1
     snaps = drv.snapshots()
     for i, sn in enumerate(snaps):
         if sn.incomplete:

@@ -39,12 +39,16 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
     def probe(cls, header: bytes, filename: str) -> int:
         return magic.probe_qcow2(header, filename)
 
+    #: open() takes ``check_mode`` (see imagetools.image.open_image's ``check``)
+    supports_check_mode = True
+
     @classmethod
     def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
-             probed: bool = False) -> "Qcow2Driver":
+             probed: bool = False, check_mode: bool = False) -> "Qcow2Driver":
         file = HostFile.open(filename, read_only=read_only, force_share=force_share)
         try:
-            return cls(file, filename, read_only=read_only, force_share=force_share)
+            return cls(file, filename, read_only=read_only, force_share=force_share,
+                       check_mode=check_mode)
         except ImageOpenError:
             file.close()
             raise
@@ -67,7 +71,7 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         return measure(options, size, source)
 
     def __init__(self, file: HostFile, filename: str, *, read_only: bool,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, check_mode: bool = False) -> None:
         super().__init__(filename, read_only=read_only)
         self.file = file
         self.force_share = force_share
@@ -78,7 +82,9 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         bits = struct.unpack_from(">I", first, 20)[0]
         if hdr.MIN_CLUSTER_BITS <= bits <= hdr.MAX_CLUSTER_BITS and first[:4] == hdr.QCOW_MAGIC:
             first = file.pread_full(0, 1 << bits)
-        self.header = h = hdr.parse_header(first, length)
+        self.header = h = hdr.parse_header(first, length, check_mode=check_mode)
+        #: problems found while opening in check mode (reported by check())
+        self.open_errors: list[str] = []
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not read_only:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
         self.layout = Layout(h)
@@ -95,7 +101,12 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         self._snapshots = []
         if h.nb_snapshots:
             from imagetools.formats.qcow2.snapshots import read_snapshots
-            self._snapshots = read_snapshots(file, h)
+            try:
+                self._snapshots = read_snapshots(file, h)
+            except CorruptImageError as err:
+                if not check_mode:
+                    raise
+                self.open_errors.append(f"ERROR snapshot table: {err}")
         self._bitmaps = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
@@ -103,7 +114,7 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         self._overlap = None
         self.init_writer()
         self.refcounts.on_metadata = self._note_metadata
-        if not read_only and self.is_dirty():
+        if not read_only and self.is_dirty() and not check_mode:
             self._repair_dirty()
 
     def _repair_dirty(self) -> None:

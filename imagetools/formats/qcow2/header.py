@@ -223,11 +223,13 @@ def _u32(buf: bytes, off: int) -> int:
     return struct.unpack_from(">I", buf, off)[0]
 
 
-def parse_header(buf: bytes, file_length: int) -> Header:
+def parse_header(buf: bytes, file_length: int, *, check_mode: bool = False) -> Header:
     """Parse and validate the header cluster ``buf`` (zero padded past EOF).
 
     ``file_length`` lets us reject tables that lie past the end of the file
     before anyone reads them. Messages are QEMU 7.2's where it has one.
+    ``check_mode`` (QEMU's BDRV_O_CHECK) accepts an image without a refcount
+    table, so that ``check`` can report what is wrong with it.
     """
     if len(buf) < V3_HEADER_LENGTH:
         buf = buf.ljust(V3_HEADER_LENGTH, b"\0")
@@ -268,7 +270,7 @@ def parse_header(buf: bytes, file_length: int) -> Header:
         raise UnsupportedError(_unsupported_features(h, unknown))
     if h.refcount_order > 6:
         raise CorruptImageError("Reference count entry width too large; may not exceed 64 bits")
-    if h.refcount_table_clusters == 0:
+    if h.refcount_table_clusters == 0 and not check_mode:
         raise CorruptImageError("Image does not contain a reference count table")
     _validate_table(h.refcount_table_offset, h.refcount_table_clusters, cluster_size,
                     QCOW_MAX_REFTABLE_SIZE, "Reference count table", cluster_size)
@@ -296,7 +298,7 @@ def parse_header(buf: bytes, file_length: int) -> Header:
     for table, name in ((h.refcount_table_offset, "Reference count table"),
                         (h.l1_table_offset, "Active L1 table")):
         if table >= max(file_length, cluster_size) and (
-                name != "Active L1 table" or h.l1_size):
+                h.l1_size if name == "Active L1 table" else h.refcount_table_clusters):
             raise CorruptImageError(f"{name} offset invalid: past the end of the file")
     return h
 

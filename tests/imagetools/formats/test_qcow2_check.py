@@ -183,3 +183,16 @@ def test_dirty_image_is_repaired_when_opened_for_writing(qemu_img, qemu_io, tmp_
     with open_image(path) as drv:
         assert drv.read(65536, 65536) == b"\x01" * 65536
         assert drv.read(1 << 20, 65536) == bytes(65536)
+
+
+def test_check_mode_opens_an_image_without_refcount_table(qemu_img, clean):
+    poke(clean, 56, ">I", 0)                      # refcount_table_clusters = 0
+    with pytest.raises(Exception, match="does not contain a reference count table"):
+        open_image(clean, "qcow2")
+    theirs = qemu_check(qemu_img, clean)
+    with open_image(clean, "qcow2", check=True) as drv:
+        res = drv.check()
+    ours = res.to_json()
+    ours["rc"] = res.exit_code
+    assert res.messages == theirs.pop("stderr").splitlines()
+    assert ours == theirs
