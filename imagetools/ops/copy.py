@@ -30,7 +30,7 @@ from imagetools.output import Reported, warn
 SECTOR = 512
 IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
 MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
-BATCH_SECTORS = 16384                      # 8 MiB read-ahead batches
+BATCH_SECTORS = 8192                       # 4 MiB read-ahead batches
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
 
@@ -551,13 +551,14 @@ class _Prefetch:
     """
 
     def __init__(self, copier: "Copier", batches: list[tuple[int, int]], size: int,
-                 depth: int = 3) -> None:
+                 depth: int = 2) -> None:
         import queue
         import threading
         self.free: "queue.Queue" = queue.Queue()
         self.ready: "queue.Queue" = queue.Queue()
-        for _ in range(depth + 1):
-            self.free.put(bytearray(size))
+        # buffers are made on demand (zero-filling memory costs time), up to depth + 1
+        self._size = size
+        self._spare = depth + 1
         self._stop = False
         self._copier = copier
         self._thread = threading.Thread(target=self._work, args=(batches,), daemon=True,
@@ -567,7 +568,11 @@ class _Prefetch:
     def _work(self, batches: list[tuple[int, int]]) -> None:
         try:
             for sector, n in batches:
-                buf = self.free.get()
+                if self._spare and self.free.empty():
+                    self._spare -= 1
+                    buf = bytearray(self._size)
+                else:
+                    buf = self.free.get()
                 if self._stop:
                     return
                 self._copier.read_into(sector, n, buf)
