@@ -94,7 +94,9 @@ def full_backing_filename(filename: str, backing: str) -> str:
 def image_info(drv, filename: str) -> dict[str, Any]:
     """One ImageInfo (members inserted in schema order)."""
     info: dict[str, Any] = {"filename": filename, "format": drv.format_name}
-    info["dirty-flag"] = bool(drv.is_dirty())
+    dirty = drv.is_dirty()
+    if dirty is not None:               # None: the format has no dirty state to report
+        info["dirty-flag"] = bool(dirty)
     actual = allocated_size(drv)
     if actual is not None:
         info["actual-size"] = actual
