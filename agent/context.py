@@ -24,7 +24,7 @@ class Context:
     config: Any = None
     #: absolute path of the state directory (-t); file handles and the frozen flag persist here
     statedir: str = "/var/run"
-    #: True while filesystems are frozen: set and cleared by the fsfreeze commands
+    #: True while filesystems are frozen; changed only through set_frozen() (fsfreeze)
     frozen: bool = False
     #: per-family runtime state, e.g. services["file"] = the handle table
     services: dict[str, Any] = field(default_factory=dict)
