@@ -67,9 +67,14 @@ def main(argv: list[str]) -> int:
     drv = open_image(filename, fmt, read_only=True, force_share=force_share,
                      image_opts=image_opts)
     try:
-        report = check_image(drv, filename)
+        result = run_check(drv)
     finally:
         drv.close()
+    failed = getattr(result, "failed", None)
+    if failed:
+        # the check could not complete (e.g. vmdk's "points after EOF"): no summary
+        raise Reported(f"Check failed: {failed}")
+    report = image_check(result, filename, drv.format_name)
     if not quiet:
         sys.stdout.write(to_json(report) + "\n" if mode == "json" else human(report))
     if report["check-errors"]:
@@ -81,13 +86,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def check_image(drv, filename: str) -> dict[str, Any]:
-    """Run the driver's check; print its per-cluster lines; the ImageCheck dict."""
+def run_check(drv):
+    """Run the driver's check and print its per-cluster lines on stderr."""
     result = drv.check()
     for line in getattr(result, "messages", ()) or ():
         sys.stderr.write(line if line.endswith("\n") else line + "\n")
     sys.stderr.flush()
-    return image_check(result, filename, drv.format_name)
+    return result
 
 
 def image_check(result, filename: str, fmt: str) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None)
         target = _open_target(job)
         if job.bitmaps and target.format_name != "qcow2":
             raise Reported(f"Format driver '{target.format_name}' does not support bitmaps")
-        if job.compress and not _can_compress(target):
+        if job.compress and not _format_can_compress(target.format_name):
             raise Reported("Compression not supported for this file format")
         if job.skip_create and -(-target.size // SECTOR) < total_sectors:
             raise Reported("output file is smaller than input file")
@@ -145,8 +145,9 @@ def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None)
         target.flush()
         target.close()
         target = None
-        if job.compress:
-            pad_to_sector(job.target if not job.target_image_opts else copier.target.filename)
+        if copier.compressed and copier.target.format_name in ("qcow2", "qcow"):
+            # qemu-img's end-of-compression write pads these formats to a sector
+            pad_to_sector(copier.target.filename)
         stats.seconds = time.monotonic() - started
         return stats
     finally:
@@ -199,7 +200,7 @@ def _target_options(job: ConvertJob, size: int):
 
 
 def _check_compress_options(out_fmt: str, opts) -> None:
-    if out_fmt != "qcow2":
+    if not _format_can_compress(out_fmt):
         raise Reported("Compression not supported for this file format")
     if opts.get("encryption") or opts.has("encrypt.format"):
         raise Reported("Compression and encryption not supported at the same time")
@@ -233,6 +234,17 @@ def _open_target(job: ConvertJob):
     from imagetools.ops.common import open_image
     return open_image(job.target, job.out_fmt, read_only=False,
                       image_opts=job.target_image_opts, cache=job.cache)
+
+
+def _format_can_compress(fmt: str) -> bool:
+    """Whether the driver of ``fmt`` writes compressed clusters (qcow2, qcow, vmdk)."""
+    from imagetools.formats import driver
+    from imagetools.formats.base import Driver
+    try:
+        cls = driver(fmt)
+    except ImageError:
+        return False
+    return getattr(cls, "compressor", Driver.compressor) is not Driver.compressor
 
 
 def _can_compress(drv) -> bool:
@@ -295,7 +307,8 @@ class Copier:
         self.total_sectors = total_sectors
         self.min_sparse = job.min_sparse
         self.target_has_backing = target.backing is not None or bool(target.backing_filename)
-        self.compressed = job.compress
+        # some targets (vmdk streamOptimized) take nothing but compressed clusters
+        self.compressed = job.compress or bool(getattr(target, "needs_compressed_writes", False))
         cluster = target.cluster_size or 0
         self.cluster_sectors = cluster // SECTOR
         self.buf_sectors = IO_BUF_SECTORS
@@ -392,7 +405,10 @@ class Copier:
         done = 0
         batches = _batches([(sector, n) for sector, n, status in plan if status == BLK_DATA])
         reader = _Prefetch(self, batches, BATCH_SECTORS * SECTOR) if batches else None
-        writer = _CompressedWriter(self.target) if self.compressed else None
+        # a format that compresses may still store a given image plainly (a
+        # monolithicSparse vmdk): then the clusters are written as they are
+        writer = (_CompressedWriter(self.target)
+                  if self.compressed and _can_compress(self.target) else None)
         batch = None                     # (buffer, first sector, end sector)
         try:
             for sector, n, status in plan:
@@ -424,13 +440,16 @@ class Copier:
         """Write ``n`` sectors held in ``data`` from sector index ``first``,
         leaving zero sectors sparse as qemu-img does (``-S``)."""
         self._throttle(n * SECTOR)
-        if writer is not None:
+        if self.compressed:
+            # whole clusters: skipped only when entirely zero
             from imagetools.ops.zeroscan import range_is_zero
             start = first * SECTOR
             if self.min_sparse and range_is_zero(data, start, start + n * SECTOR):
                 self._zero(sector, n, writer)
-            else:
+            elif writer is not None:
                 writer.submit(sector * SECTOR, memoryview(data)[start:start + n * SECTOR])
+            else:
+                self._write(sector, data, first, n)
             return
         if not self.min_sparse or self.job.copy_range:
             self._write(sector, data, first, n)
