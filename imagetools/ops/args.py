@@ -32,6 +32,13 @@ REQUIRED = 1
 LongOption = tuple[str, int, str]
 
 
+def show_help() -> int:
+    """``-h`` after any command prints the whole help, as qemu-img does."""
+    from imagetools.cli import print_help
+    from imagetools.output import prog
+    return print_help(prog())
+
+
 def usage_error(message: str) -> UsageError:
     """A command-line mistake: the CLI adds qemu-img's "Try ... --help" line."""
     return UsageError(message)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from imagetools.errors import ImageError
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("flush-interval", 1, "flush-interval"),
@@ -46,9 +46,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":hc:d:f:ni:o:qs:S:t:wU", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "c":
             value = _ulong(arg)
             if value is None or value > INT_MAX:

@@ -17,7 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("format", 1, "f"), ("repair", 1, "r"), ("output", 1, "output"),
@@ -35,9 +35,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":hf:r:T:qU", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "f":
             fmt = arg
         elif opt == "r":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from imagetools.errors import ImageError
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 IO_BUF_SIZE = 2 * 1024 * 1024
@@ -50,9 +50,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":hf:F:T:pqsU", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "f":
             fmt1 = arg
         elif opt == "F":
@@ -176,7 +174,6 @@ def compare_images(drv1, drv2, *, strict: bool = False,
 
 def _walk(drv1, drv2, cur1, cur2, reader, strict, progress, emit, done, size1, size2,
           total, progress_base) -> CompareResult:
-    from imagetools.ops.zeroscan import first_nonzero_sector
     offset = 0
     while offset < total:
         e1, e2 = cur1.at(offset), cur2.at(offset)
@@ -196,8 +193,7 @@ def _walk(drv1, drv2, cur1, cur2, reader, strict, progress, emit, done, size1, s
                     return done(False, 1, offset + diff)
         else:
             chunk = min(chunk, IO_BUF_SIZE)
-            buf = reader.one(0 if e1.present else 1, offset, chunk)
-            idx = first_nonzero_sector(buf, 0, chunk)
+            idx = reader.nonzero(0 if e1.present else 1, offset, chunk)
             if idx >= 0:
                 emit(f"Content mismatch at offset {offset + idx}!")
                 return done(False, 1, offset + idx)
@@ -213,8 +209,7 @@ def _walk(drv1, drv2, cur1, cur2, reader, strict, progress, emit, done, size1, s
             chunk = ext.end - offset
             if ext.present and not ext.zero:
                 chunk = min(chunk, IO_BUF_SIZE)
-                buf = reader.one(which, offset, chunk)
-                idx = first_nonzero_sector(buf, 0, chunk)
+                idx = reader.nonzero(which, offset, chunk)
                 if idx >= 0:
                     emit(f"Content mismatch at offset {offset + idx}!")
                     return done(False, 1, offset + idx)
@@ -244,8 +239,11 @@ class _Reader:
                            f"{err}", exit_code=4) from None
         return buf
 
-    def one(self, which: int, offset: int, length: int) -> bytearray:
-        return self._fill(which, offset, length)
+    def nonzero(self, which: int, offset: int, length: int) -> int:
+        """Sector-aligned position of the first non-zero byte read, or -1
+        (a range allocated in one image only must read as zeros)."""
+        from imagetools.ops.zeroscan import first_nonzero_sector
+        return first_nonzero_sector(self._fill(which, offset, length), 0, length)
 
     def both(self, offset: int, length: int) -> tuple[bytearray, bytearray]:
         if self._pool is None:

@@ -13,7 +13,7 @@ with its messages, then :func:`imagetools.ops.copy.convert` does the work.
 
 from __future__ import annotations
 
-from imagetools.ops.args import Getopt
+from imagetools.ops.args import Getopt, show_help
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("object", 1, "object"), ("image-opts", 0, "image-opts"),
@@ -33,9 +33,7 @@ def main(argv: list[str]) -> int:
     from imagetools.sizes import cvtnum
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "f":
             job.src_fmt = arg
         elif opt == "O":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from imagetools.errors import ImageError, ImageOpenError
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("object", 1, "object")]
@@ -28,9 +28,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":F:b:f:ho:qu", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "F":
             base_fmt = arg
         elif opt == "b":

@@ -13,7 +13,7 @@ per request; the result is the same as qemu-img's block-by-block loop.
 from __future__ import annotations
 
 from imagetools.errors import ImageError
-from imagetools.ops.args import Getopt
+from imagetools.ops.args import Getopt, show_help
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("object", 1, "object"), ("image-opts", 0, "image-opts"),
@@ -31,9 +31,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":hf:O:U", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "O":
             out_fmt = arg
         elif opt == "f":

@@ -15,7 +15,7 @@ qemu-img's own layout, not through the pretty printer.
 from __future__ import annotations
 
 import sys
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("format", 1, "f"), ("output", 1, "output"),
@@ -56,9 +56,7 @@ def main(argv: list[str]) -> int:
     from imagetools.sizes import cvtnum
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt == "f":
             fmt = arg
         elif opt == "U":

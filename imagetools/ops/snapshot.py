@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from imagetools.ops.args import Getopt, usage_error
+from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
 LONG = [("help", 0, "h"), ("object", 1, "object"), ("image-opts", 0, "image-opts"),
@@ -28,9 +28,7 @@ def main(argv: list[str]) -> int:
     scan = Getopt(argv, ":la:c:d:hqU", LONG)
     for opt, arg in scan:
         if opt == "h":
-            from imagetools.cli import print_help
-            from imagetools.output import prog
-            return print_help(prog())
+            return show_help()
         if opt in ACTIONS:
             if action is not None:
                 raise usage_error("Cannot mix '-l', '-a', '-c', '-d'")
