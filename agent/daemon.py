@@ -376,10 +376,12 @@ class _Session:
                     log.warning("host is not reading: %d parse-error replies dropped so far",
                                 agent._dropped_errors)
                 continue
-            reply = agent.dispatcher.handle(event)
+            reply = agent.dispatcher.reply(event)
             if reply:
-                self.out.append(memoryview(reply))
-                self.out_bytes += len(reply)
+                for chunk in reply:
+                    if chunk:
+                        self.out.append(memoryview(chunk))
+                        self.out_bytes += len(chunk)
             if self.client is None:
                 return
 

@@ -108,20 +108,25 @@ class Dispatcher:
 
     def handle(self, event: Event) -> bytes | None:
         """The response bytes for one protocol event, or None (no reply)."""
+        chunks = self.reply(event)
+        return None if chunks is None else b"".join(chunks)
+
+    def reply(self, event: Event) -> list[bytes] | None:
+        """Like :meth:`handle`, as chunks to write in turn (what the daemon uses)."""
         if isinstance(event, ParseError):
-            return Protocol.encode(error_payload(event.desc))
+            return Protocol.encode_chunks(error_payload(event.desc))
         payload, request_id = self.dispatch(event.value)
         if payload is None:
             return None
         delimited, self.ctx.delimit_response = self.ctx.delimit_response, False
         try:
-            return Protocol.encode(payload, delimited and "return" in payload)
+            return Protocol.encode_chunks(payload, delimited and "return" in payload)
         except (TypeError, ValueError) as exc:
             log.error("cannot encode the response: %s", exc)
             payload = error_payload(f"internal error: the response cannot be encoded: {exc}")
             if request_id is not _ABSENT:
                 payload["id"] = request_id
-            return Protocol.encode(payload)
+            return Protocol.encode_chunks(payload)
 
     def dispatch(self, request: Any) -> tuple[dict[str, Any] | None, Any]:
         """(response payload or None for no reply, the request's id or _ABSENT)."""

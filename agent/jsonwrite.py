@@ -94,10 +94,30 @@ class _TooDeep(Exception):
     pass
 
 
-def _compact(value: Any, depth: int) -> str:
+#: strings longer than this are encoded once, straight to bytes, and kept out
+#: of the text (a 64 MiB file read must not be copied a dozen times)
+BIG_STRING = 1 << 16
+_ALLOWED = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
+def _big(text: str, big: list[bytes]) -> str:
+    """Stash a long string's JSON bytes; return a NUL-delimited placeholder
+    (JSON text never holds a raw NUL, so the placeholder is unambiguous)."""
+    if text.isascii():
+        data = text.encode("ascii")
+        if not data.translate(None, _ALLOWED):
+            big.append(data)
+            return f"\0{len(big) - 1}\0"
+    big.append(string(text).encode("ascii")[1:-1])
+    return f"\0{len(big) - 1}\0"
+
+
+def _compact(value: Any, depth: int, big: list[bytes]) -> str:
     """The recursive writer: fast for the usual shallow responses."""
     kind = type(value)
     if kind is str:
+        if len(value) > BIG_STRING:
+            return '"' + _big(value, big) + '"'
         return string(value)
     if kind is dict:
         if not value:
@@ -105,13 +125,14 @@ def _compact(value: Any, depth: int) -> str:
         if depth > _RECURSION_LIMIT:
             raise _TooDeep
         items = qdict_items(value) if len(value) > 1 else value.items()
-        return "{" + ", ".join([string(k) + ": " + _compact(v, depth + 1) for k, v in items]) + "}"
+        return "{" + ", ".join([string(k) + ": " + _compact(v, depth + 1, big)
+                                for k, v in items]) + "}"
     if kind is list or kind is tuple:
         if not value:
             return "[]"
         if depth > _RECURSION_LIMIT:
             raise _TooDeep
-        return "[" + ", ".join([_compact(v, depth + 1) for v in value]) + "]"
+        return "[" + ", ".join([_compact(v, depth + 1, big) for v in value]) + "]"
     if kind is int:
         return str(value)
     if value is None or value is True or value is False:
@@ -128,10 +149,21 @@ def to_json(value: Any) -> str:
     writer; deeper ones -- an echoed ``id`` may nest 1024 levels -- an
     iterative one, so Python's recursion limit is never met.
     """
+    return b"".join(_chunks(value)).decode("ascii")
+
+
+def _chunks(value: Any) -> list[bytes]:
+    big: list[bytes] = []
     try:
-        return _compact(value, 0)
+        text = _compact(value, 0, big)
     except _TooDeep:
-        return _nested(value)
+        return [_nested(value).encode("ascii")]
+    if not big:
+        return [text.encode("ascii")]
+    out = []
+    for i, piece in enumerate(text.split("\0")):
+        out.append(big[int(piece)] if i % 2 else piece.encode("ascii"))
+    return out
 
 
 def _nested(value: Any) -> str:
@@ -175,7 +207,25 @@ def _nested(value: Any) -> str:
             return "".join(out)
 
 
+def encode_chunks(value: Any, delimited: bool = False) -> list[bytes]:
+    """One response line as byte chunks (big strings are not copied into one
+    buffer): optional 0xFF sentinel, the JSON, a newline."""
+    chunks = _chunks(value)
+    if len(chunks) == 1:  # the usual case: one write
+        return [(b"\xff" if delimited else b"") + chunks[0] + b"\n"]
+    if delimited:
+        chunks.insert(0, b"\xff")
+    chunks.append(b"\n")
+    # small neighbours are joined, so a response costs few writes
+    merged: list[bytes] = []
+    for chunk in chunks:
+        if merged and len(chunk) <= BIG_STRING and len(merged[-1]) <= BIG_STRING:
+            merged[-1] += chunk
+        else:
+            merged.append(chunk)
+    return merged
+
+
 def encode_line(value: Any, delimited: bool = False) -> bytes:
     """One response line: optional 0xFF sentinel, the JSON, a newline."""
-    body = to_json(value).encode("ascii")
-    return (b"\xff" if delimited else b"") + body + b"\n"
+    return b"".join(encode_chunks(value, delimited))

@@ -20,7 +20,7 @@ from typing import Any
 
 from agent.jsonparse import JSONParseError, fast_parse, parse_tokens
 from agent.jsonstream import Message, MessageStream
-from agent.jsonwrite import encode_line
+from agent.jsonwrite import encode_chunks, encode_line
 
 #: the byte that resynchronises: never valid in qemu-ga's JSON
 SENTINEL = b"\xff"
@@ -85,3 +85,8 @@ class Protocol:
     @staticmethod
     def encode(payload: dict[str, Any], delimited: bool = False) -> bytes:
         return encode_line(payload, delimited)
+
+    @staticmethod
+    def encode_chunks(payload: dict[str, Any], delimited: bool = False) -> list[bytes]:
+        """The same line as chunks to write in turn (large strings stay uncopied)."""
+        return encode_chunks(payload, delimited)

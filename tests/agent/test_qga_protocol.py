@@ -248,3 +248,13 @@ def test_random_and_mutated_streams_never_break_the_agent(data, cut):
             assert reply is None or reply.endswith(b"\n")
     events = proto.feed(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":99}}')
     assert dispatcher.handle(events[-1]) == b'\xff{"return": 99}\n'
+
+
+@pytest.mark.parametrize("text", ["A" * 70000, "\u00e9\"\\\n\x01" * 20000, "x" * 65537 + "\udc80",
+                                  "b64+/=" * 20000])
+def test_big_strings_are_written_exactly_like_small_ones(text):
+    from agent.jsonwrite import encode_chunks, string, to_json
+    expected = '{"return": ' + string(text) + "}"
+    assert to_json({"return": text}) == expected
+    assert b"".join(encode_chunks({"return": text, "id": 1})) == \
+        ('{"return": ' + string(text) + ', "id": 1}\n').encode()
