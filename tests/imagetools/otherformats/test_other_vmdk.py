@@ -222,3 +222,30 @@ def test_create_errors(tmp_path):
         with pytest.raises(ImageError) as err:
             create_image(path, "vmdk", MiB, opts)
         assert str(err.value) == message
+
+
+@pytest.mark.parametrize("subformat", ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
+def test_split_extents_across_the_2g_boundaries(tmp_path, subformat):
+    path = tmp_path / "big.vmdk"
+    size = 5 * 1024 * MiB + 512
+    create_image(str(path), "vmdk", size, {"subformat": subformat})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    letter = "s" if "Sparse" in subformat else "f"
+    assert names == sorted(["big.vmdk"] + [f"big-{letter}00{i}.vmdk" for i in (1, 2, 3)])
+    drv = open_image(str(path), "vmdk", read_only=False)
+    try:
+        for boundary in (2048 * MiB, 4096 * MiB):
+            drv.write(boundary - 300, b"\x5a" * 600)
+        drv.write(size - 512, b"\x77" * 512)
+    finally:
+        drv.close()
+    assert qemu_check(str(path), "vmdk")["rc"] == 0
+    io_run(str(path), "vmdk", "read -P 0x5a 2147483348 600", "read -P 0x5a 4294966996 600",
+           f"read -P 0x77 {size - 512} 512", "read -P 0 0 1m")
+    drv = open_image(str(path), "vmdk")
+    try:
+        assert [e["virtual-size"] for e in drv.format_specific()["data"]["extents"]] == \
+            [2048 * MiB, 2048 * MiB, 1024 * MiB + 512]
+        assert our_map(drv) == qemu_map(str(path), "vmdk")
+    finally:
+        drv.close()
