@@ -127,16 +127,24 @@ def l2_span(drv) -> int:
 
 
 def status_runs(drv, start: int = 0):
-    """The image's block status from ``start`` as qemu-img sees it: adjacent
-    equal runs merged, but cut at qcow2 L2 table boundaries."""
+    """The image's block status from ``start`` as qemu-img sees it.
+
+    Adjacent equal runs are merged, but, as QEMU's qcow2 block status
+    answers, a run never crosses an L2 table boundary and compressed
+    clusters come one cluster at a time.
+    """
     from imagetools.formats.base import merge_extents
     span = l2_span(drv)
+    cluster = drv.cluster_size or 0
     for ext in merge_extents(drv.block_status(start, drv.size - start)):
-        if not span:
+        step = cluster if ext.compressed and cluster else span
+        if not step:
             yield ext
             continue
         pos = ext.start
         while pos < ext.end:
-            cut = min(ext.end, (pos // span + 1) * span)
+            cut = min(ext.end, (pos // step + 1) * step)
+            if span:
+                cut = min(cut, (pos // span + 1) * span)
             yield ext.clipped(pos, cut) if (pos, cut) != (ext.start, ext.end) else ext
             pos = cut

@@ -75,31 +75,40 @@ def main(argv: list[str]) -> int:
     from imagetools.progress import Progress
     meter = Progress(progress, 2.0)
     try:
-        from imagetools.ops.common import check_cache, open_image
-        try:
-            check_cache(cache, source=True)
-        except Reported as err:
-            err.exit_code = 2
-            raise
-        drv1 = open_image(rest[0], fmt1, force_share=force_share, image_opts=image_opts,
-                          exit_code=2)
-        try:
-            drv2 = open_image(rest[1], fmt2, force_share=force_share, image_opts=image_opts,
-                              exit_code=2)
-            try:
-                meter.print(0, 100)
-
-                def say(line: str) -> None:
-                    if not quiet:
-                        sys.stdout.write(line + "\n")
-                result = compare_images(drv1, drv2, strict=strict, progress=meter.relative,
-                                        say=say, names=(rest[0], rest[1]))
-            finally:
-                drv2.close()
-        finally:
-            drv1.close()
+        return _run(rest, fmt1, fmt2, cache, quiet, strict, force_share, image_opts, meter)
+    except ImageError as err:
+        from imagetools.output import report_error
+        report_error(err)          # before the progress line ends, as qemu-img
+        return getattr(err, "exit_code", 1)
     finally:
         meter.end()
+
+
+def _run(rest, fmt1, fmt2, cache, quiet, strict, force_share, image_opts, meter) -> int:
+    """Open both images (exit code 2 on failure) and compare them."""
+    from imagetools.ops.common import check_cache, open_image
+    try:
+        check_cache(cache, source=True)
+    except Reported as err:
+        err.exit_code = 2
+        raise
+    drv1 = open_image(rest[0], fmt1, force_share=force_share, image_opts=image_opts,
+                      exit_code=2)
+    try:
+        drv2 = open_image(rest[1], fmt2, force_share=force_share, image_opts=image_opts,
+                          exit_code=2)
+        try:
+            meter.print(0, 100)
+
+            def say(line: str) -> None:
+                if not quiet:
+                    sys.stdout.write(line + "\n")
+            result = compare_images(drv1, drv2, strict=strict, progress=meter.relative,
+                                    say=say, names=(rest[0], rest[1]))
+        finally:
+            drv2.close()
+    finally:
+        drv1.close()
     return result.exit_code
 
 

@@ -82,16 +82,17 @@ class ConvertStats:
 def run_cli(job: ConvertJob) -> int:
     """``qemu-img convert`` after option parsing: progress, run, report."""
     from imagetools.progress import Progress
+    from imagetools.output import report_error
     meter = Progress(job.progress and not job.quiet, 1.0)
-    ok = False
     try:
         meter.print(0, 100)
         convert(job, progress=meter.absolute)
-        ok = True
-    finally:
-        if ok:
-            meter.print(100, 0)
+    except ImageError as err:
+        report_error(err)          # before the progress line ends, as qemu-img
         meter.end()
+        return getattr(err, "exit_code", 1)
+    meter.print(100, 0)
+    meter.end()
     return 0
 
 
@@ -261,7 +262,6 @@ class _Status:
     """Block status of the concatenated sources at moving offsets."""
 
     def __init__(self, sources, top_only: bool) -> None:
-        from imagetools.ops.common import l2_span
         self.sources = sources
         self.top_only = top_only
         self.starts = []
@@ -271,7 +271,6 @@ class _Status:
             pos += -(-src.size // SECTOR)
         self._iters: dict[int, Iterator] = {}
         self._current: dict[int, object] = {}
-        self.l2_span = [l2_span(src) for src in sources]
 
     def part(self, sector: int) -> int:
         index = 0
@@ -284,9 +283,8 @@ class _Status:
         ext = self._current.get(index)
         if ext is None or offset < ext.start or offset >= ext.end:
             if ext is None or offset < ext.start:
-                from imagetools.formats.base import merge_extents
-                src = self.sources[index]
-                self._iters[index] = merge_extents(src.block_status(offset, src.size - offset))
+                from imagetools.ops.common import status_runs
+                self._iters[index] = status_runs(self.sources[index], offset)
             it = self._iters[index]
             ext = next(it, None)
             while ext is not None and ext.end <= offset:
@@ -354,9 +352,6 @@ class Copier:
             if offset < src.size:
                 ext = self.status_map.query(index, offset)
                 count = min(count, ext.end - offset)
-                span = self.status_map.l2_span[index]
-                if span:
-                    count = min(count, (offset // span + 1) * span - offset)
                 zero, data, mine = ext.zero, ext.data, ext.depth == 0
             else:
                 zero, data, mine = True, False, True
@@ -466,9 +461,26 @@ class Copier:
                 self._zero(sector + pos, count, None)
             pos += count
 
-    def read_into(self, sector: int, n: int, buf: bytearray) -> None:
-        """Fill ``buf`` with ``n`` sectors of the concatenated sources from ``sector``."""
-        view = memoryview(buf)
+    def read_into(self, sector: int, n: int, buf: bytearray,
+                  chunks: list[tuple[int, int]] | None = None) -> None:
+        """Fill ``buf`` with ``n`` sectors of the concatenated sources from ``sector``.
+
+        ``chunks`` are the convert chunks this read covers: a failure is
+        reported at the start of the chunk that fails, as qemu-img does.
+        """
+        try:
+            self._read_span(sector, n, memoryview(buf))
+        except ImageError as err:
+            for start, count in chunks or ():
+                at = (start - sector) * SECTOR
+                try:
+                    self._read_span(start, count, memoryview(buf)[at:at + count * SECTOR])
+                except ImageError as failed:
+                    err, sector = failed, start
+                    break
+            raise Reported(f"error while reading at byte {sector * SECTOR}: {err}") from None
+
+    def _read_span(self, sector: int, n: int, view: memoryview) -> None:
         pos = 0
         while pos < n:
             index = self.status_map.part(sector + pos)
@@ -481,9 +493,9 @@ class Copier:
             piece = view[pos * SECTOR:pos * SECTOR + length]
             try:
                 src.read_into(offset, piece)
-            except ImageError as err:
+            except ImageError:
                 if not self.job.salvage:
-                    raise Reported(f"error while reading at byte {offset}: {err}") from None
+                    raise
                 self._salvage(src, offset, piece)
             if length < count * SECTOR:
                 view[pos * SECTOR + length:(pos + count) * SECTOR] = bytes(count * SECTOR - length)
@@ -544,20 +556,22 @@ class Copier:
             time.sleep(delay)
 
 
-def _batches(chunks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _batches(chunks: list[tuple[int, int]]) -> list[tuple[int, int, list[tuple[int, int]]]]:
     """Group runs of adjacent data chunks into reads of up to BATCH_SECTORS.
 
     A fragmented image has a chunk per cluster; reading (and then writing)
     adjacent chunks together turns thousands of small requests into a few
     large ones without changing what is written where.
     """
-    out: list[list[int]] = []
+    out: list[tuple[int, int, list[tuple[int, int]]]] = []
     for sector, n in chunks:
         if out and out[-1][0] + out[-1][1] == sector and out[-1][1] + n <= BATCH_SECTORS:
-            out[-1][1] += n
+            start, count, members = out[-1]
+            members.append((sector, n))
+            out[-1] = (start, count + n, members)
         else:
-            out.append([sector, n])
-    return [(s, n) for s, n in out]
+            out.append((sector, n, [(sector, n)]))
+    return out
 
 
 class _Prefetch:
@@ -569,7 +583,7 @@ class _Prefetch:
     so that no memory is allocated per chunk.
     """
 
-    def __init__(self, copier: "Copier", batches: list[tuple[int, int]], size: int,
+    def __init__(self, copier: "Copier", batches: list, size: int,
                  depth: int = 2) -> None:
         import queue
         import threading
@@ -584,9 +598,9 @@ class _Prefetch:
                                         name="qimg-reader")
         self._thread.start()
 
-    def _work(self, batches: list[tuple[int, int]]) -> None:
+    def _work(self, batches: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
         try:
-            for sector, n in batches:
+            for sector, n, chunks in batches:
                 if self._spare and self.free.empty():
                     self._spare -= 1
                     buf = bytearray(self._size)
@@ -594,7 +608,7 @@ class _Prefetch:
                     buf = self.free.get()
                 if self._stop:
                     return
-                self._copier.read_into(sector, n, buf)
+                self._copier.read_into(sector, n, buf, chunks)
                 self.ready.put(((buf, sector, sector + n), None))
         except BaseException as err:          # handed to the main thread
             self.ready.put((None, err))

@@ -11,6 +11,7 @@ take the same room on disk.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from qimg_harness import needs
@@ -158,3 +159,39 @@ def test_raw_to_raw_concatenation(pair) -> None:
     pair.same("convert", "-f", "raw", "-O", "raw", "a.raw", "b.raw", "cat.raw")
     _judge(pair, "cat.raw", "raw")
     pair.same("info", "cat.raw")
+
+
+def _damage_second_compressed_cluster(path) -> None:
+    import struct
+    with open(path, "r+b") as f:
+        f.seek(40)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2 + 8)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(entry & ((1 << 54) - 1))
+        f.write(b"\xff" * 16)
+
+
+@needs("qcow2")
+def test_unreadable_data_is_reported_at_the_same_place_and_salvaged_alike(pair) -> None:
+    pair.setup("image", "s.raw", "raw", "1M", "write -P 0x41 0 1M")
+    pair.setup("ok", "convert", "-c", "-O", "qcow2", "s.raw", "c.qcow2")
+    for side in (pair.ref, pair.ours):
+        _damage_second_compressed_cluster(side.path("c.qcow2"))
+    # qemu-img says only "Input/output error"; qimg names the cause
+    reason = re.compile(rb": (Input/output error|Could not decompress[^\n]*)\n")
+    ref, ours = pair.ref.ref("convert", "-O", "raw", "c.qcow2", "o.raw"), \
+        pair.ours.ours("convert", "-O", "raw", "c.qcow2", "o.raw")
+    assert (ours.rc, reason.sub(b"\n", ours.err)) == (ref.rc, reason.sub(b"\n", ref.err)) == \
+        (1, b"qemu-img: error while reading at byte 65536\n")
+    ref, ours = pair.ref.ref("compare", "c.qcow2", "s.raw"), \
+        pair.ours.ours("compare", "c.qcow2", "s.raw")
+    assert (ours.rc, reason.sub(b"\n", ours.err)) == (ref.rc, reason.sub(b"\n", ref.err))
+    ref, ours = pair.ref.ref("convert", "--salvage", "-O", "raw", "c.qcow2", "o.raw"), \
+        pair.ours.ours("convert", "--salvage", "-O", "raw", "c.qcow2", "o.raw")
+    assert ours.rc == ref.rc == 0
+    assert ours.err.count(b"warning: error while reading offset") == \
+        ref.err.count(b"warning: error while reading offset") == 128
+    assert pair.ref.path("o.raw").read_bytes() == pair.ours.path("o.raw").read_bytes()
