@@ -14,8 +14,9 @@ import struct
 from typing import Iterator
 
 from imagetools.errors import ImageOpenError
-from imagetools.formats._common import (DATA, SECTOR, ZERO, ReadOnlyDriver, Run, cstr,
-                                        div_round_up, is_pow2, read_table)
+from imagetools.formats._common import SECTOR, cstr, div_round_up, is_pow2, read_table
+from imagetools.formats._mapped import DATA, ZERO, ReadOnlyDriver, Run
+
 
 HEADER_V1 = 0x00010000
 HEADER_V2 = 0x00020000

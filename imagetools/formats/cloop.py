@@ -13,7 +13,8 @@ import zlib
 from typing import Iterator
 
 from imagetools.errors import ImageIOError, ImageOpenError
-from imagetools.formats._common import OPAQUE, ReadOnlyDriver, Run, read_table
+from imagetools.formats._common import read_table
+from imagetools.formats._mapped import OPAQUE, ReadOnlyDriver, Run
 
 MAX_BLOCK_SIZE = 64 << 20
 

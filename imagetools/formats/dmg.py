@@ -26,7 +26,9 @@ import zlib
 from typing import Iterator
 
 from imagetools.errors import ImageIOError, ImageOpenError
-from imagetools.formats._common import (DATA, OPAQUE, SECTOR, ZERO, ReadOnlyDriver, Run)
+from imagetools.formats._common import SECTOR
+from imagetools.formats._mapped import DATA, OPAQUE, ZERO, ReadOnlyDriver, Run
+
 
 UDZE, UDRW, UDIG = 0x00000000, 0x00000001, 0x00000002
 UDCO, UDZO, UDBZ, ULFO = 0x80000004, 0x80000005, 0x80000006, 0x80000007

@@ -26,10 +26,11 @@ import struct
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError
-from imagetools.formats._common import (DATA, SECTOR, UNALLOC, CheckResult, ClusterMap,
-                                        MappedDriver, OptionSpec, Run, div_round_up,
+from imagetools.formats._common import (SECTOR, CheckResult, OptionSpec, div_round_up,
                                         file_preallocation, le_table, new_host_file,
                                         refuse_options, round_up, size_option, table_bytes)
+from imagetools.formats._mapped import DATA, UNALLOC, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = b"WithoutFreeSpace"

@@ -29,9 +29,10 @@ from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, ImageOpenError, \
     UnsupportedError
-from imagetools.formats._common import (DATA, OPAQUE, SECTOR, UNALLOC, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, be_table, file_preallocation,
+from imagetools.formats._common import (SECTOR, OptionSpec, be_table, file_preallocation,
                                         new_host_file, refuse_options, round_up, table_bytes)
+from imagetools.formats._mapped import DATA, OPAQUE, UNALLOC, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = b"QFI\xfb"

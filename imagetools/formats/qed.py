@@ -27,10 +27,11 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError
-from imagetools.formats._common import (DATA, UNALLOC, ZERO, CheckResult, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, file_preallocation, is_pow2, le_table,
-                                        new_host_file, refuse_options, round_up, size_option,
-                                        table_bytes)
+from imagetools.formats._common import (CheckResult, OptionSpec, file_preallocation, is_pow2,
+                                        le_table, new_host_file, refuse_options, round_up,
+                                        size_option, table_bytes)
+from imagetools.formats._mapped import DATA, UNALLOC, ZERO, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap
 from imagetools.formats.hostfile import HostFile
 
 MAGIC = 0x00444551

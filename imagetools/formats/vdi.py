@@ -28,10 +28,11 @@ import uuid
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageOpenError, UnsupportedError
-from imagetools.formats._common import (DATA, RECURSE, SECTOR, ZERO, CheckResult, ClusterMap,
-                                        MappedDriver, OptionSpec, Run, bool_option, div_round_up,
+from imagetools.formats._common import (SECTOR, CheckResult, OptionSpec, bool_option, div_round_up,
                                         file_preallocation, new_host_file, read_table,
                                         refuse_options, round_up, table_bytes)
+from imagetools.formats._mapped import DATA, RECURSE, ZERO, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap
 from imagetools.formats.hostfile import HostFile
 
 SIGNATURE = 0xBEDA107F

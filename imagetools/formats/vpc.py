@@ -32,11 +32,11 @@ import uuid
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageOpenError, UnsupportedError
-from imagetools.formats._common import (DATA, RECURSE, SECTOR, ZERO, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, bool_option, cluster_write,
-                                        file_preallocation, is_pow2, new_host_file,
-                                        read_table, refuse_options, round_up,
-                                        write_zeroes_plain)
+from imagetools.formats._common import (SECTOR, OptionSpec, bool_option, file_preallocation,
+                                        is_pow2, new_host_file, read_table, refuse_options,
+                                        round_up)
+from imagetools.formats._mapped import DATA, RECURSE, ZERO, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap, cluster_write, write_zeroes_plain
 from imagetools.formats.hostfile import HostFile
 
 HEADER_SIZE = 512

@@ -30,8 +30,9 @@ import uuid
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
-from imagetools.formats._common import (DATA, ZERO, CheckResult, ClusterMap, MappedDriver,
-                                        OptionSpec, Run, read_table, table_bytes)
+from imagetools.formats._common import CheckResult, OptionSpec, read_table, table_bytes
+from imagetools.formats._mapped import DATA, ZERO, MappedDriver, Run
+from imagetools.formats._writes import ClusterMap
 from imagetools.formats.base import Extent
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.vhdx import log as vlog

@@ -28,8 +28,8 @@ import random
 from typing import Any, Iterator
 
 from imagetools.errors import ImageIOError, ImageOpenError, UnsupportedError
-from imagetools.formats._common import (OPAQUE, SECTOR, CheckResult, MappedDriver, OptionSpec,
-                                        Run, round_up)
+from imagetools.formats._common import SECTOR, CheckResult, OptionSpec, round_up
+from imagetools.formats._mapped import OPAQUE, MappedDriver, Run
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.vmdk import descriptor as desc_mod
 from imagetools.formats.vmdk.descriptor import DESC_SIZE, MAX_DESC_FILE, DescriptorError

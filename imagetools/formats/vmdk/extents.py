@@ -22,8 +22,10 @@ import zlib
 from typing import Any, Iterator
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
-from imagetools.formats._common import (DATA, OPAQUE, RECURSE, SECTOR, UNALLOC, ZERO,
-                                        ClusterMap, Run, div_round_up, le_table, table_bytes)
+from imagetools.formats._common import SECTOR, div_round_up, le_table, table_bytes
+from imagetools.formats._mapped import DATA, OPAQUE, RECURSE, UNALLOC, ZERO, Run
+from imagetools.formats._writes import ClusterMap
+
 
 VMDK4_MAGIC = b"KDMV"
 VMDK3_MAGIC = b"COWD"
@@ -259,7 +261,7 @@ class SparseExtent(Extent):
         if self.compressed:
             self._write_compressed(offset, view, drv)
             return
-        from imagetools.formats._common import cluster_write
+        from imagetools.formats._writes import cluster_write
         cluster_write(_GrainMap(self, drv), offset, view)
 
     def write_zeroes(self, offset: int, length: int, drv) -> None:
@@ -286,7 +288,7 @@ class SparseExtent(Extent):
                 elif self.compressed:
                     self._write_compressed(pos, zeros[:stop - pos], drv)
                 else:
-                    from imagetools.formats._common import cluster_write
+                    from imagetools.formats._writes import cluster_write
                     gmap.commit()
                     cluster_write(gmap, pos, zeros[:stop - pos])
                 pos = stop

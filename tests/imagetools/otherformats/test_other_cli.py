@@ -135,13 +135,8 @@ def test_fixed_vhd_is_probed_as_raw(tmp_path):
     assert json.loads(got.stdout)["format"] == "vpc"
 
 
-NO_DRIVER_INFO = "imagetools/ops/info.py prints dirty-flag although is_dirty() is None " \
-                 "(qemu-img has no driver info for this format): see /work/notes/h6-handoff.md"
-
-
 @pytest.mark.parametrize("name", [
-    pytest.param("parallels.hds", marks=pytest.mark.xfail(strict=True, reason=NO_DRIVER_INFO)),
-    pytest.param("udif.dmg", marks=pytest.mark.xfail(strict=True, reason=NO_DRIVER_INFO)),
+    "parallels.hds", "udif.dmg",
     "vmdk-flat.vmdk", "vmdk-stream.vmdk", "vdi-static.vdi", "vpc-forcesize.vhd",
     "vhdx-fixed.vhdx", "qcow1-compressed.qcow"])
 def test_info_json_of_more_formats(sample, sample_dir, name):
@@ -163,9 +158,6 @@ def test_check_unsupported_formats_exit_63(sample, sample_dir, fmt):
     assert got.stdout == expected.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="imagetools/ops/check.py does not print 'Check failed: "
-                   "<reason>' for a check that fails (CheckResult.failed): see "
-                   "/work/notes/h6-handoff.md")
 def test_vmdk_check_failure_like_qemu(tmp_path):
     path = tmp_path / "bad.vmdk"
     run("qemu-img", "create", "-q", "-f", "vmdk", str(path), "4M")
