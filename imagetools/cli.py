@@ -14,7 +14,6 @@ is installed under that name (a drop-in symlink), ``qimg`` otherwise.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -93,7 +92,8 @@ def _dispatch(prog: str, args: list[str]) -> int:
     if command not in COMMANDS:
         raise UsageError(f"Command not found: {command}")
     try:
-        module = importlib.import_module(f"imagetools.ops.{command}")
+        __import__(f"imagetools.ops.{command}")
+        module = sys.modules[f"imagetools.ops.{command}"]
     except ModuleNotFoundError as err:
         if err.name != f"imagetools.ops.{command}":
             raise

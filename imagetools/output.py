@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
@@ -193,6 +192,7 @@ def _dump(value: Any, indent: int, out: list[str]) -> None:
 
 def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
     """The ``Snapshot list:`` block (header plus one row per snapshot)."""
+    import time
     from imagetools.sizes import human_size
     lines = ["Snapshot list:\n",
              "%-10s%-17s%8s%20s%13s%11s\n" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]
