@@ -174,3 +174,16 @@ def test_vmdk_check_failure_like_qemu(tmp_path):
     assert got.returncode == expected.returncode
     assert got.stdout == expected.stdout
     assert got.stderr.replace("qimg:", "qemu-img:") == expected.stderr
+
+
+@pytest.mark.parametrize("fmt, opts", [("qcow", []), ("vmdk", ["-o", "subformat=streamOptimized"])])
+def test_convert_compressed(tmp_path, fmt, opts):
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"compressible " * 300000 + bytes(1 << 20) + bytes(range(256)) * 400)
+    target = tmp_path / f"c.{fmt}"
+    proc = qimg("convert", "-c", "-O", fmt, *opts, str(src), str(target), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert qemu_compare(str(src), "raw", str(target), fmt).returncode == 0
+    assert target.stat().st_size < src.stat().st_size // 4
+    entries = json.loads(run("qemu-img", "map", "--output=json", str(target)).stdout)
+    assert any(e["data"] and "offset" not in e for e in entries)      # compressed clusters
