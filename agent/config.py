@@ -129,7 +129,8 @@ def split_list(text: str) -> list[str]:
 
 def conf_path(environ: dict[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get("QGA_CONF") or CONF_DEFAULT
+    path = env.get("QGA_CONF")
+    return CONF_DEFAULT if path is None else path   # set but empty: no file, as qemu-ga
 
 
 def load_file(config: Config, path: str) -> None:
