@@ -21,13 +21,15 @@ pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def guest_image(qemu_system):
+def guest_kit(qemu_system):
+    """(image, boot_guest, GuestSpec) from tests/e2e's guest helpers."""
     try:
+        from guest import GuestSpec, boot_guest
         from guest_build import GuestUnavailable, ensure_guest_image
     except ImportError as exc:
         pytest.skip(f"the e2e guest helpers are not available: {exc}")
     try:
-        return ensure_guest_image()
+        return ensure_guest_image(), boot_guest, GuestSpec
     except GuestUnavailable as exc:
         pytest.skip(f"test guest unavailable: {exc}")
 
@@ -60,9 +62,9 @@ def agent_cpu_ticks(guest) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_host_absence_and_return_over_virtio_serial(guest_image, qemu_system):
-    from guest import GuestSpec, boot_guest
-    with boot_guest(GuestSpec(agent="qga"), qemu=qemu_system, image=guest_image) as guest:
+def test_host_absence_and_return_over_virtio_serial(guest_kit, qemu_system):
+    image, boot_guest, GuestSpec = guest_kit
+    with boot_guest(GuestSpec(agent="qga"), qemu=qemu_system, image=image) as guest:
         guest.wait_agent()
         host = host_connect(guest.agent_socket)
         host.sendall(b'\xff{"execute":"guest-sync-delimited","arguments":{"id":11}}')
