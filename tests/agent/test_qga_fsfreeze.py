@@ -13,6 +13,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -262,6 +263,8 @@ def loop_mounts(tmp_path):
     """Two fresh ext4 filesystems on loop devices, mounted under tmp_path."""
     if not os.path.exists("/dev/loop-control"):
         pytest.skip("no loop device support (/dev/loop-control)")
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 not installed (Debian package e2fsprogs)")
     mounts = []
     try:
         for name in ("m1", "m2"):
