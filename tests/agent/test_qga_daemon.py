@@ -237,14 +237,19 @@ def test_stale_pidfile_is_overwritten_and_foreground_ignores_it(tmp_path, start_
     assert pidfile.read_text() == "999999\n"
     agent.stop()
     env = {**os.environ, "QGA_CONF": "/nonexistent"}
-    subprocess.run([*QGA, "-d", "-m", "unix-listen", "-p", str(tmp_path / "d.sock"),
+    sock = tmp_path / "d.sock"
+    subprocess.run([*QGA, "-d", "-m", "unix-listen", "-p", str(sock),
                     "-t", str(tmp_path), "-f", str(pidfile)], env=env, timeout=10, check=True)
-    wait_path(tmp_path / "d.sock")
-    deadline = time.monotonic() + 10
-    while pidfile.read_text() == "999999\n":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    try:
+        wait_path(sock)
+        deadline = time.monotonic() + 10
+        while pidfile.read_text() == "999999\n":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if str(sock) in (proc.info["cmdline"] or []):
+                proc.terminate()
 
 
 def test_sd_notify_ready(tmp_path):
