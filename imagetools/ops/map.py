@@ -171,7 +171,10 @@ def print_json(items, start: int = 0) -> None:
                 cl += l
                 continue
             if cl:
-                lines.append(_json_line(cs, cl, cd, cp, cz, cda, co))
+                if co is None:
+                    lines.append(_NO_OFFSET % (cs, cl, cd, _BOOL[cp], _BOOL[cz], _BOOL[cda]))
+                else:
+                    lines.append(_OFFSET % (cs, cl, cd, _BOOL[cp], _BOOL[cz], _BOOL[cda], co))
                 if len(lines) >= _BATCH:
                     write(head + ",\n".join(lines) + ",\n")
                     head, lines = "", []
@@ -184,12 +187,16 @@ def print_json(items, start: int = 0) -> None:
     write(head + ",\n".join(lines) + "]\n")
 
 
+_NO_OFFSET = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
+              '"data": %s}')
+_OFFSET = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
+           '"data": %s, "offset": %d}')
+
+
 def _json_line(s: int, l: int, d: int, p: bool, z: bool, da: bool, o: int | None) -> str:
     if o is None:
-        return ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
-                '"data": %s}' % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da]))
-    return ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
-            '"data": %s, "offset": %d}' % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da], o))
+        return _NO_OFFSET % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da])
+    return _OFFSET % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da], o)
 
 
 def print_human(items) -> None:
