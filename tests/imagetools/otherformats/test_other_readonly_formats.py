@@ -105,7 +105,8 @@ def udif(raw: bytes, codec: str = "zlib", resource_fork: bool = False,
                                          ("lzfse", False)])
 def test_dmg_variants(tmp_path, codec, fork):
     if codec == "lzfse":
-        pytest.importorskip("lzfse", reason="the optional lzfse package is not installed")
+        pytest.importorskip("lzfse", reason="the optional lzfse package is not installed",
+                            exc_type=ImportError)
     raw = _reference()
     path = tmp_path / "v.dmg"
     path.write_bytes(udif(raw, codec, fork))
