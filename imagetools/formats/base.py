@@ -33,6 +33,10 @@ opened backing driver (set by ``open_image``); ``format_specific()``;
 ``check()``; ``has_zero_init()``; ``compressor()`` / ``write_compressed_blob``
 (parallel compression for convert -c); ``data_filename`` (qcow2 external
 data file); ``chain()`` (this image and its backing files, top first).
+Structural changes (qemu-img snapshot -c/-a/-d, resize, commit, rebase,
+amend, check -r): ``create_snapshot`` ``apply_snapshot``
+``delete_snapshot`` ``truncate`` ``make_empty`` ``change_backing_file``
+``amend`` ``repair``; the defaults refuse with QEMU's words.
 
 Changing this interface: only additively (new methods with a default here,
 new optional keyword arguments), so that commands and drivers written
@@ -441,6 +445,65 @@ class Driver:
         """Consistency check (detection only), as qemu-img check reports it."""
         from imagetools.errors import CheckNotSupported
         raise CheckNotSupported()
+
+    # -- changing the image's structure (snapshot, resize, commit, rebase,
+    #    amend, check -r); added for the snapshot/commit issue. Formats
+    #    that cannot do one raise what QEMU's generic layer says.
+
+    def repair(self, mode: str) -> "CheckResult":
+        """``qemu-img check -r leaks|all``: check and repair in one pass.
+
+        Returns the first pass's result (with the ``*_fixed`` counters); the
+        caller checks again to report the state after the repair.
+        """
+        from imagetools.errors import CheckNotSupported
+        raise CheckNotSupported()
+
+    def create_snapshot(self, name: str, *, date_sec: int, date_nsec: int,
+                        vm_clock_nsec: int = 0, vm_state_size: int = 0,
+                        icount: int | None = None) -> SnapshotInfo:
+        """Take an internal snapshot of the current state (qemu-img snapshot -c).
+
+        Raises ImageIOError with an ``errno`` (qemu-img prints ``-N (text)``).
+        """
+        import errno as errno_
+        from imagetools.errors import ImageIOError
+        raise ImageIOError("Operation not supported", errno_.ENOTSUP)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert the image to an internal snapshot (ID first, then name)."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError("Block driver does not support snapshots")
+
+    def delete_snapshot(self, snapshot_id: str | None, name: str | None) -> None:
+        """Delete the internal snapshot matching ``snapshot_id`` and/or ``name``."""
+        import errno as errno_
+        from imagetools.errors import ImageIOError
+        raise ImageIOError("Operation not supported", errno_.ENOTSUP)
+
+    def truncate(self, size: int, *, prealloc: str = "off") -> None:
+        """Change the virtual size (qemu-img resize; shrinking drops the tail)."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError("Image format driver does not support resize")
+
+    def make_empty(self) -> None:
+        """Drop every allocation of this image (not its backing files): after a
+        commit, the image shows its backing file again. Unsupported formats
+        leave the image as it is (qemu-img commit ignores that)."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError("Operation not supported")
+
+    def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        """Record a new backing file name and format (None: no backing file)."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError("Operation not supported")
+
+    def amend(self, options: dict[str, Any], *, force: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> None:
+        """qemu-img amend: change format options of an existing image."""
+        from imagetools.errors import UnsupportedError
+        raise UnsupportedError(f"Format driver '{self.format_name}' does not support "
+                               "option amendment")
 
     def chain(self) -> Iterator["Driver"]:
         """This image, then its backing file, then that one's, ..."""

@@ -30,6 +30,52 @@ BLKZEROOUT = 0x127F
 _fallocate_fn = None
 
 
+# -- fault injection (crash-safety tests) -------------------------------------
+#
+# ``QIMG_FAULT_AFTER=N`` makes the process SIGKILL itself right after its Nth
+# operation that changes a host file (write, zero, punch, truncate, fallocate,
+# kernel copy), so a test can stop a command at every point where its images
+# change; ``QIMG_FAULT_COUNT=PATH`` writes the number of such operations done
+# to PATH when the process exits. :func:`set_fault_after` is the same from
+# Python (a forked test child). Nothing happens when neither is set.
+
+_changes = 0
+_fault_after = int(os.environ.get("QIMG_FAULT_AFTER") or 0)
+
+
+def set_fault_after(count: int) -> None:
+    """Kill this process (SIGKILL) right after its ``count``-th file change (0: never)."""
+    global _fault_after, _changes
+    _fault_after = count
+    _changes = 0
+
+
+def changes_done() -> int:
+    """How many host-file changes this process made (see ``set_fault_after``)."""
+    return _changes
+
+
+def _changed() -> None:
+    global _changes
+    _changes += 1
+    if _fault_after and _changes >= _fault_after:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_count_at_exit(path: str) -> None:
+    import atexit
+
+    def write() -> None:
+        with open(path, "w") as out:
+            out.write(str(_changes))
+    atexit.register(write)
+
+
+if os.environ.get("QIMG_FAULT_COUNT"):
+    _write_count_at_exit(os.environ["QIMG_FAULT_COUNT"])
+
+
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
     global _fallocate_fn
@@ -253,6 +299,7 @@ class HostFile:
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as err:
             raise io_error(f"Could not write to '{self.filename}'", err) from None
+        _changed()
 
     def pwritev(self, offset: int, buffers: list) -> None:
         """Write several buffers back to back starting at ``offset``."""
@@ -264,6 +311,8 @@ class HostFile:
             raise io_error(f"Could not write to '{self.filename}'", err) from None
         if n < total:
             self.pwrite(offset + n, b"".join(bytes(b) for b in buffers)[n:])
+            return
+        _changed()
 
     # -- kernel-side copies ----------------------------------------------
 
@@ -274,6 +323,7 @@ class HostFile:
         a bounce buffer; past the end of the source reads as zeros.
         """
         copy_range(src_fd, src_offset, self.fd, offset, length)
+        _changed()
 
     def copy_out(self, offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
         """Copy ``length`` bytes of this file to ``dst_fd``, in the kernel."""
@@ -291,6 +341,7 @@ class HostFile:
             return
         if self.is_block:
             if self._ioctl_range(BLKZEROOUT, offset, length):
+                _changed()
                 return
         else:
             if unmap and self.punch_hole(offset, length):
@@ -298,6 +349,7 @@ class HostFile:
             if self._can_zero_range:
                 try:
                     _fallocate(self.fd, FALLOC_FL_ZERO_RANGE, offset, length)
+                    _changed()
                     return
                 except OSError as err:
                     if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -320,11 +372,15 @@ class HostFile:
         if length <= 0:
             return True
         if self.is_block:
-            return self._ioctl_range(BLKDISCARD, offset, length)
+            done = self._ioctl_range(BLKDISCARD, offset, length)
+            if done:
+                _changed()
+            return done
         if not self._can_punch:
             return False
         try:
             _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            _changed()
             return True
         except OSError as err:
             if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -344,6 +400,7 @@ class HostFile:
             os.ftruncate(self.fd, length)
         except OSError as err:
             raise io_error(f"Could not resize '{self.filename}'", err) from None
+        _changed()
 
     def fallocate(self, offset: int, length: int) -> None:
         """Reserve space (posix_fallocate), extending the file if needed."""
@@ -353,6 +410,7 @@ class HostFile:
             os.posix_fallocate(self.fd, offset, length)
         except OSError as err:
             raise io_error(f"Could not preallocate data for '{self.filename}'", err) from None
+        _changed()
 
     def flush(self) -> None:
         if self.read_only or self.no_flush:
