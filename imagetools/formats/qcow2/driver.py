@@ -248,6 +248,60 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
             raise ImageError("Failed to load snapshot: Can't find snapshot")
         return SnapshotView(self, snap)
 
+    def create_snapshot(self, name: str, *, date_sec: int, date_nsec: int,
+                        vm_clock_nsec: int = 0, vm_state_size: int = 0,
+                        icount: int | None = None) -> SnapshotInfo:
+        from imagetools.formats.qcow2 import snapshot_ops
+        return snapshot_ops.create(self, name, date_sec=date_sec, date_nsec=date_nsec,
+                                   vm_clock_nsec=vm_clock_nsec, vm_state_size=vm_state_size,
+                                   icount=icount)
+
+    def apply_snapshot(self, name_or_id: str) -> None:
+        from imagetools.errors import ImageIOError
+        from imagetools.formats.qcow2 import snapshot_ops
+        if self.header.extension(hdr.EXT_BITMAPS) is not None and self.bitmaps():
+            raise ImageError("Device has active dirty bitmaps")
+        try:
+            snapshot_ops.apply(self, name_or_id)
+        except ImageIOError as err:
+            raise ImageError(f"Failed to load snapshot: {err}") from None
+
+    def delete_snapshot(self, snapshot_id: str | None, name: str | None) -> None:
+        from imagetools.formats.qcow2 import snapshot_ops
+        snapshot_ops.delete(self, snapshot_id, name)
+
+    def _writable_metadata(self) -> None:
+        """Refuse metadata changes on read-only or corrupt images."""
+        import errno
+        from imagetools.errors import ImageIOError
+        if self.read_only:
+            raise ImageIOError("Image is read-only", errno.EACCES)
+        if self.corrupt:
+            raise ImageIOError("qcow2: Image is corrupt; cannot be written to", errno.EIO)
+
+    def _reload_metadata(self) -> None:
+        """Re-read the header and every table after the metadata was replaced."""
+        file = self.file
+        h = hdr.parse_header(file.pread_full(0, self._cluster_size), file.length())
+        self.header = h
+        self.layout = Layout(h)
+        self._size = h.size
+        self.l1 = L1Table(file, h.l1_table_offset, h.l1_size)
+        self.refcounts = Refcounts(file, self.layout, h.refcount_table_offset,
+                                   h.refcount_table_clusters,
+                                   update_header=self._write_reftable_pointer,
+                                   read_only=self.read_only)
+        self.refcounts.on_metadata = self._note_metadata
+        self.l2_cache = L2Cache(file, self.layout)
+        self._snapshots = []
+        if h.nb_snapshots:
+            from imagetools.formats.qcow2.snapshots import read_snapshots
+            self._snapshots = read_snapshots(file, h)
+        self._meta_clusters = None
+        self._compressed_cache = None
+        self._prealloc_detected = None
+        self._free_byte_offset = 0
+
     # -- check -----------------------------------------------------------------
 
     def check(self):
