@@ -38,6 +38,7 @@ def sources(pair):
                "write -z 1M 300k", opts="extended_l2=on,cluster_size=128k")
     pair.setup("image", "zstd.qcow2", "qcow2", "2M", "write -P 0x66 0 300k",
                opts="compression_type=zstd")
+    pair.setup("image", "smallb.qcow2", "qcow2", "3M", "write -P 0xaa 0 1M")
     return pair
 
 
@@ -58,6 +59,8 @@ CASES = [
     ("-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "t.qcow2"),
     ("-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2", "top.qcow2", "t.qcow2"),
     ("-O", "qcow2", "top.qcow2", "t.qcow2"),
+    ("-O", "qcow2", "-B", "smallb.qcow2", "-F", "qcow2", "src.qcow2", "t.qcow2"),
+    ("-O", "qcow2", "-B", "smallb.qcow2", "-F", "qcow2", "top.qcow2", "t.qcow2"),
     ("-O", "qcow2", "-o", "compat=0.10,cluster_size=4k", "src.qcow2", "t.qcow2"),
     ("-O", "qcow2", "-o", "extended_l2=on,cluster_size=64k", "src.qcow2", "t.qcow2"),
     ("-O", "qcow2", "-o", "cluster_size=2M", "src.qcow2", "t.qcow2"),

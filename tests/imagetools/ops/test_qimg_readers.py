@@ -189,3 +189,25 @@ def test_snapshot_table_is_local_time(ws) -> None:
     ours = subprocess.run([ws.qimg, "snapshot", "-l", "snap.qcow2"], cwd=ws.dir, env=env,
                           capture_output=True, timeout=60)
     assert (ours.returncode, ours.stdout, ours.stderr) == (ref.returncode, ref.stdout, ref.stderr)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv", [("info", "c.qcow2"), ("info", "--backing-chain", "c.qcow2"),
+                                  ("map", "c.qcow2"), ("check", "c.qcow2"),
+                                  ("compare", "c.qcow2", "c.qcow2"),
+                                  ("convert", "-O", "raw", "c.qcow2", "x.raw")])
+def test_backing_loops_are_one_clear_error(tools, argv) -> None:
+    # qemu-img recurses until it runs out of file descriptors (check: memory)
+    tools.image("a.qcow2", "qcow2", "1M")
+    tools.image("b.qcow2", "qcow2", "1M", backing=("a.qcow2", "qcow2"))
+    tools.ok("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+    tools.ok("create", "-q", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", "c.qcow2", "1M")
+    run = tools.ours(*argv, timeout=30)
+    if argv == ("info", "c.qcow2"):
+        assert run.rc == 0
+        return
+    assert run.rc == (2 if argv[0] == "compare" else 1)
+    assert run.err.decode().splitlines() == [
+        "qemu-img: Could not open 'c.qcow2': Backing file 'b.qcow2' creates an infinite loop."
+        if argv[1] != "--backing-chain" else
+        "qemu-img: Backing file 'b.qcow2' creates an infinite loop."]
