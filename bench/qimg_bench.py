@@ -174,8 +174,10 @@ def main() -> int:
         rows = []
         for name, template, output, ok in cases:
             times = {"qemu-img": [], "qimg": []}
-            for _ in range(args.repeat):
-                for tool, prefix in (("qemu-img", [qemu_img]), ("qimg", qimg)):
+            tools = [("qemu-img", [qemu_img]), ("qimg", qimg)]
+            for round_ in range(args.repeat):
+                # alternate who goes first: page-cache state favours neither
+                for tool, prefix in (tools if round_ % 2 == 0 else tools[::-1]):
                     tag = "ref" if tool == "qemu-img" else "ours"
                     argv = prefix + [a.format(out=tag) for a in template]
                     cleanup = rm(output.format(out=tag)) if output else None

@@ -138,13 +138,14 @@ def status_runs(drv, start: int = 0):
     cluster = drv.cluster_size or 0
     for ext in merge_extents(drv.block_status(start, drv.size - start)):
         step = cluster if ext.compressed and cluster else span
-        if not step:
+        end = ext.start + ext.length
+        if not step or (ext.start // step == (end - 1) // step and not ext.compressed):
             yield ext
             continue
         pos = ext.start
-        while pos < ext.end:
-            cut = min(ext.end, (pos // step + 1) * step)
+        while pos < end:
+            cut = min(end, (pos // step + 1) * step)
             if span:
                 cut = min(cut, (pos // span + 1) * span)
-            yield ext.clipped(pos, cut) if (pos, cut) != (ext.start, ext.end) else ext
+            yield ext.clipped(pos, cut) if (pos, cut) != (ext.start, end) else ext
             pos = cut

@@ -32,7 +32,8 @@ IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
 MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
 BATCH_SECTORS = 8192                       # 4 MiB read-ahead batches
 
-BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
+BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = 0, 1, 2     # ImgConvertBlockStatus
+PLAN_LIMIT = 4_000_000                             # chunks kept from the first pass
 
 
 @dataclass
@@ -281,13 +282,13 @@ class _Status:
     def query(self, index: int, offset: int):
         """The merged run of source ``index`` that contains byte ``offset``."""
         ext = self._current.get(index)
-        if ext is None or offset < ext.start or offset >= ext.end:
+        if ext is None or offset < ext.start or offset >= ext.start + ext.length:
             if ext is None or offset < ext.start:
                 from imagetools.ops.common import status_runs
                 self._iters[index] = status_runs(self.sources[index], offset)
             it = self._iters[index]
             ext = next(it, None)
-            while ext is not None and ext.end <= offset:
+            while ext is not None and ext.start + ext.length <= offset:
                 ext = next(it, None)
             if ext is None:
                 raise ImageError(f"error while reading block status at offset {offset}")
@@ -351,7 +352,7 @@ class Copier:
             count = min(n * SECTOR, src.size - offset) if offset < src.size else n * SECTOR
             if offset < src.size:
                 ext = self.status_map.query(index, offset)
-                count = min(count, ext.end - offset)
+                count = min(count, ext.start + ext.length - offset)
                 zero, data, mine = ext.zero, ext.data, ext.depth == 0
             else:
                 zero, data, mine = True, False, True
@@ -393,39 +394,54 @@ class Copier:
     # ---- the copy (convert_co_do_copy) ----
 
     def run(self, progress: Callable[[int, int], None] | None) -> ConvertStats:
-        plan = list(self.chunks())
-        counted = [c for c in plan if c[2] == BLK_DATA or (not self.min_sparse and c[2] == BLK_ZERO)]
-        allocated = sum(n for _, n, _ in counted)
+        # first pass, as qemu-img: how many sectors will count for progress;
+        # the chunks are kept (compactly) for the copy pass unless there are
+        # very many, in which case the copy pass walks the block status again
+        from array import array
+        sectors, counts, kinds = array("q"), array("i"), bytearray()
+        allocated = 0
+        counted = (BLK_DATA,) if self.min_sparse else (BLK_DATA, BLK_ZERO)
+        for sector, n, status in self.chunks():
+            if status in counted:
+                allocated += n
+            if kinds is not None:
+                sectors.append(sector)
+                counts.append(n)
+                kinds.append(status)
+                if len(kinds) > PLAN_LIMIT:
+                    sectors, counts, kinds = None, None, None
         self.stats.allocated_bytes = allocated * SECTOR
+        plan = zip(sectors, counts, kinds) if kinds is not None else None
         done = 0
-        batches = _batches([(sector, n) for sector, n, status in plan if status == BLK_DATA])
-        reader = _Prefetch(self, batches, BATCH_SECTORS * SECTOR) if batches else None
         # a format that compresses may still store a given image plainly (a
         # monolithicSparse vmdk): then the clusters are written as they are
         writer = (_CompressedWriter(self.target)
                   if self.compressed and _can_compress(self.target) else None)
-        batch = None                     # (buffer, first sector, end sector)
+        reader = _Prefetch(self, BATCH_SECTORS * SECTOR, plan)
         try:
-            for sector, n, status in plan:
-                if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
-                    done += n
-                    if progress is not None:
-                        progress(done, allocated)
-                if status == BLK_DATA:
-                    if batch is None or not batch[1] <= sector < batch[2]:
-                        if batch is not None:
-                            self._flush_writes()
-                            reader.release(batch[0])
-                        batch = reader.get()
-                    self._copy_data(sector, n, batch[0], sector - batch[1], writer)
-                elif status == BLK_ZERO and self.min_sparse:
-                    self._zero(sector, n, writer)
-                elif status == BLK_ZERO:
-                    self._copy_data(sector, n, bytes(n * SECTOR), 0, writer)
+            for kind, item in reader:
+                if kind == "batch":
+                    buf, start, chunks = item
+                    for sector, n in chunks:
+                        done += n
+                        if progress is not None:
+                            progress(done, allocated)
+                        self._copy_data(sector, n, buf, sector - start, writer)
+                    self._flush_writes()
+                    reader.release(buf)
+                    continue
+                sector, n, status = item
+                if status == BLK_ZERO:
+                    if not self.min_sparse:
+                        done += n
+                        if progress is not None:
+                            progress(done, allocated)
+                        self._copy_data(sector, n, bytes(n * SECTOR), 0, writer)
+                    else:
+                        self._zero(sector, n, writer)
             self._flush_writes()
         finally:
-            if reader is not None:
-                reader.close()
+            reader.close()
             if writer is not None:
                 writer.finish()
                 self.stats.compressed_clusters = writer.clusters
@@ -556,76 +572,115 @@ class Copier:
             time.sleep(delay)
 
 
-def _batches(chunks: list[tuple[int, int]]) -> list[tuple[int, int, list[tuple[int, int]]]]:
-    """Group runs of adjacent data chunks into reads of up to BATCH_SECTORS.
-
-    A fragmented image has a chunk per cluster; reading (and then writing)
-    adjacent chunks together turns thousands of small requests into a few
-    large ones without changing what is written where.
-    """
-    out: list[tuple[int, int, list[tuple[int, int]]]] = []
-    for sector, n in chunks:
-        if out and out[-1][0] + out[-1][1] == sector and out[-1][1] + n <= BATCH_SECTORS:
-            start, count, members = out[-1]
-            members.append((sector, n))
-            out[-1] = (start, count + n, members)
-        else:
-            out.append((sector, n, [(sector, n)]))
-    return out
-
-
 class _Prefetch:
-    """Reads batches of data chunks ahead in a thread, in order.
+    """The second pass over the chunks, run ahead in a thread.
 
-    Reading and writing are system calls that release the GIL, so the next
-    batch is read while the current one is scanned and written (qemu-img
-    gets the same overlap from its I/O threads). A few buffers are reused
-    so that no memory is allocated per chunk.
+    It walks the sources' block status again (qemu-img's copy pass), reads
+    runs of adjacent data chunks as one batch of up to BATCH_SECTORS into a
+    reused buffer, and hands the main thread, in guest order, either
+    ``("batch", (buffer, first sector, [(sector, n), ...]))`` or
+    ``("other", (sector, n, status))`` for zero and backing chunks. Reading
+    and writing are system calls that release the GIL, so the next batch is
+    read while the current one is scanned and written (qemu-img gets the
+    same overlap from its I/O threads); a fragmented image's chunk per
+    cluster becomes a few large requests without changing what is written
+    where. Nothing is kept per chunk, so memory does not grow with the
+    image, and only the reader thread touches the sources.
     """
 
-    def __init__(self, copier: "Copier", batches: list, size: int,
-                 depth: int = 2) -> None:
+    def __init__(self, copier: "Copier", size: int, plan=None, depth: int = 2) -> None:
         import queue
         import threading
         self.free: "queue.Queue" = queue.Queue()
-        self.ready: "queue.Queue" = queue.Queue()
-        # buffers are made on demand (zero-filling memory costs time), up to depth + 1
+        self.ready: "queue.Queue" = queue.Queue(maxsize=256)
+        # buffers are made on demand (zero-filling memory costs time)
         self._size = size
         self._spare = depth + 1
         self._stop = False
         self._copier = copier
-        self._thread = threading.Thread(target=self._work, args=(batches,), daemon=True,
-                                        name="qimg-reader")
+        self._plan = plan
+        self._thread = threading.Thread(target=self._work, daemon=True, name="qimg-reader")
         self._thread.start()
 
-    def _work(self, batches: list[tuple[int, int, list[tuple[int, int]]]]) -> None:
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop:
+            try:
+                self.ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _buffer(self) -> bytearray | None:
+        import queue
+        if self._spare and self.free.empty():
+            self._spare -= 1
+            return bytearray(self._size)
+        while not self._stop:
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def _batch(self, start: int, count: int, chunks: list[tuple[int, int]]) -> bool:
+        buf = self._buffer()
+        if buf is None:
+            return False
+        self._copier.read_into(start, count, buf, chunks)
+        return self._put(("batch", (buf, start, chunks)))
+
+    def _work(self) -> None:
         try:
-            for sector, n, chunks in batches:
-                if self._spare and self.free.empty():
-                    self._spare -= 1
-                    buf = bytearray(self._size)
-                else:
-                    buf = self.free.get()
+            chunks: list[tuple[int, int]] = []
+            start = count = 0
+            plan = self._plan if self._plan is not None else self._copier.chunks()
+            for sector, n, status in plan:
                 if self._stop:
                     return
-                self._copier.read_into(sector, n, buf, chunks)
-                self.ready.put(((buf, sector, sector + n), None))
+                if status == BLK_DATA:
+                    if chunks and (start + count != sector or count + n > BATCH_SECTORS):
+                        if not self._batch(start, count, chunks):
+                            return
+                        chunks = []
+                    if not chunks:
+                        start, count = sector, 0
+                    chunks.append((sector, n))
+                    count += n
+                    continue
+                if chunks:
+                    if not self._batch(start, count, chunks):
+                        return
+                    chunks = []
+                if status != BLK_BACKING_FILE and not self._put(("other", (sector, n, status))):
+                    return
+            if chunks and not self._batch(start, count, chunks):
+                return
+            self._put(("end", None))
         except BaseException as err:          # handed to the main thread
-            self.ready.put((None, err))
+            self._put(("error", err))
 
-    def get(self) -> tuple[bytearray, int, int]:
-        """The next batch: (buffer, first sector, end sector)."""
-        batch, err = self.ready.get()
-        if err is not None:
-            raise err
-        return batch
+    def __iter__(self):
+        while True:
+            kind, item = self.ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield kind, item
 
     def release(self, buf: bytearray) -> None:
         self.free.put(buf)
 
     def close(self) -> None:
+        import queue
         self._stop = True
-        self.free.put(bytearray(0))
+        while self._thread.is_alive():
+            try:
+                self.ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
         self._thread.join()
 
 
