@@ -198,3 +198,14 @@ def test_unreadable_data_is_reported_at_the_same_place_and_salvaged_alike(pair) 
     assert ours.err.count(b"warning: error while reading offset") == \
         ref.err.count(b"warning: error while reading offset") == 128
     assert pair.ref.path("o.raw").read_bytes() == pair.ours.path("o.raw").read_bytes()
+
+
+@needs("qcow2")
+def test_huge_plans_walk_the_block_status_twice(sources, monkeypatch) -> None:
+    # Past PLAN_LIMIT chunks the first pass is not kept: the result must not change.
+    from imagetools import api
+    from imagetools.ops import copy
+    sources.ref.ref("convert", "-O", "qcow2", "src.qcow2", "t.qcow2")
+    monkeypatch.setattr(copy, "PLAN_LIMIT", 2)
+    api.convert([str(sources.ours.path("src.qcow2"))], str(sources.ours.path("t.qcow2")))
+    _judge(sources, "t.qcow2", "qcow2")
