@@ -9,8 +9,11 @@ refcounts stored in the image (``Leaked cluster N refcount=R reference=0``,
 Every problem is recorded with the exact line qemu-img prints on stderr, in
 the same order, and counted in the same fields, so the CLI only formats.
 
-Repair (``check -r``) is the snapshot/repair issue's; the result keeps what
-it needs (``rebuild``: the refcount structure itself is broken).
+Repair (``check -r``) runs the same walk with ``fix`` bits (FIX_LEAKS,
+FIX_ERRORS) where QEMU repairs on the way (an unaligned preallocated
+cluster, a refcount block past the end of the file, refcounts that differ
+from the references, COPIED flags); :mod:`.repair` drives it and rebuilds
+the refcount structure when ``rebuild`` says it is broken.
 
 Memory is bounded by the host file: references are only counted up to one
 cluster past the end of the file (beyond that QEMU reports them as errors),
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     from imagetools.formats.qcow2.driver import Qcow2Driver
 
 REFT_RESERVED_MASK = 0x1FF
+FIX_LEAKS = 1
+FIX_ERRORS = 2
 QCOW_MAX_L1_SIZE = hdr.QCOW_MAX_L1_SIZE
 
 
@@ -62,6 +67,8 @@ class CheckResult:
         self.messages: list[str] = []
         #: the refcount structure itself is broken (repair must rebuild it)
         self.rebuild = False
+        #: errno of a repair that could not complete (qemu-img: "Check failed: ...")
+        self.repair_errno: int | None = None
 
     def report(self, line: str) -> None:
         self.messages.append(line)
@@ -114,6 +121,10 @@ class _Counter:
         self.active_l2: dict[int, array] = {}
         #: the stored refcounts, flat (filled by the comparison)
         self.stored: array | None = None
+        #: what to repair on the way (FIX_LEAKS | FIX_ERRORS; 0 for a check)
+        self.fix = 0
+        #: the L2 table being walked (for repairs of its entries)
+        self.l2_offset = 0
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -152,6 +163,7 @@ def check_image(drv: "Qcow2Driver") -> CheckResult:
     res = CheckResult(drv.filename, "qcow2")
     res.total_clusters = -(-drv.size // drv.cluster_size)
     counter = _Counter(drv, res)
+    check_snapshot_table(drv, res)
     _calculate_refcounts(drv, res, counter)
     highest = _compare_refcounts(drv, res, counter)
     _check_oflag_copied(drv, res, counter)
@@ -159,17 +171,27 @@ def check_image(drv: "Qcow2Driver") -> CheckResult:
     return res
 
 
-def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
-    h = drv.header
-    cs = drv.cluster_size
+def check_snapshot_table(drv: "Qcow2Driver", res: CheckResult, fix: int = 0) -> int:
+    """What QEMU finds reading the snapshot table; returns the entries to rewrite."""
     for line in getattr(drv, "open_errors", ()):
         res.report(line)
         res.corruptions += 1
-    snaps = drv.snapshots()
-    for i, sn in enumerate(snaps):
+    repairs = 0
+    for i, sn in enumerate(drv.snapshots()):
         if sn.incomplete:
-            res.report(f"ERROR snapshot table entry {i} is incomplete")
-            res.corruptions += 1
+            if fix & FIX_ERRORS:
+                res.report(f"Repairing snapshot table entry {i} is incomplete")
+                repairs += 1
+            else:
+                res.report(f"ERROR snapshot table entry {i} is incomplete")
+                res.corruptions += 1
+    return repairs
+
+
+def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
+    h = drv.header
+    cs = drv.cluster_size
+    snaps = drv.snapshots()
     counter.inc(0, cs)
     _check_l1(drv, res, counter, h.l1_table_offset, h.l1_size, active=True)
     if drv.data_file is not None and snaps:
@@ -273,6 +295,10 @@ def _check_l1(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l1_offset
                 res.report(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                            "L1 entry corrupted")
             res.corruptions += count
+            if counter.fix:
+                # QEMU would "repair" entries of a table read at a wrong place,
+                # overwriting whatever is there (guest data): never through it
+                continue
         if l2_offset >= counter.file_len:
             continue      # reads as zeros: nothing in it to count
         _check_l2(drv, res, counter, l2_offset, active, times=count)
@@ -284,12 +310,15 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     cs = drv.cluster_size
     ext = layout.extended_l2
     cached = drv.l2_cache.tables.get(l2_offset)
+    if cached is None and counter.fix and l2_offset < counter.file_len:
+        cached = drv.l2_cache.get(l2_offset)        # repairs change the cached table
     if cached is not None:
         words = cached.values
     else:
         words = read_be64_array(drv.file, l2_offset, layout.l2_entries * layout.l2_entry_words)
     if active:
         counter.active_l2[l2_offset] = words
+    counter.l2_offset = l2_offset
     state = [0]                       # next contiguous host offset (fragmentation)
     if ext or times != 1 or drv.data_file is not None:
         step = 2 if ext else 1
@@ -325,6 +354,16 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
         offset = entry & L2E_OFFSET_MASK
         if not offset:
             continue                  # zero cluster or unallocated
+        if offset & csmask and counter.fix:
+            state[0] = next_contiguous
+            res.allocated_clusters += allocated
+            res.fragmented_clusters += fragmented
+            allocated = fragmented = 0
+            _check_l2_entry(drv, res, counter, i, entry, 0, active, 1, state)
+            next_contiguous = state[0]
+            counts = counter.counts
+            ncount = len(counts)
+            continue
         if active:
             allocated += 1
             if next_contiguous and offset != next_contiguous:
@@ -389,8 +428,15 @@ def _check_l2_entry(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, i: 
             contains_data = bool(bitmap & 0xFFFFFFFF) if ext else \
                 not entry & QCOW_OFLAG_ZERO
             kind = "Data" if contains_data else "Preallocated"
-            res.report(f"ERROR offset={offset:x}: {kind} cluster is not properly aligned; "
-                       "L2 entry corrupted.")
+            fixing = not contains_data and counter.fix & FIX_ERRORS
+            res.report(f"{'Repairing' if fixing else 'ERROR'} offset={offset:x}: {kind} cluster "
+                       "is not properly aligned; L2 entry corrupted.")
+            if fixing:
+                from imagetools.formats.qcow2.repair import zero_l2_entry
+                zero_l2_entry(drv, counter.l2_offset, i)
+                res.corruptions -= 1
+                res.corruptions_fixed += 1
+                return
         if active:
             res.allocated_clusters += times
             if state[0] and offset != state[0]:
@@ -424,8 +470,28 @@ def _check_refblocks(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) ->
             res.rebuild = True
             continue
         if cluster >= counter.nb_clusters:
-            res.report(f"ERROR refcount block {i} is outside image")
             res.corruptions += 1
+            fixing = bool(counter.fix & FIX_ERRORS)
+            res.report(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is outside "
+                       "image")
+            if fixing:
+                # QEMU grows the file so that the block is inside (it reads
+                # as zeros, which the comparison then sends to a rebuild)
+                try:
+                    drv.file.truncate(offset + cs)
+                except Exception as err:   # noqa: BLE001 - reported as QEMU does
+                    res.rebuild = True
+                    res.report(f"ERROR could not resize image: {err}")
+                    continue
+                counter.file_len = drv.file.length()
+                counter.nb_clusters = max(counter.nb_clusters, -(-counter.file_len // cs))
+                if cluster >= len(counter.counts):
+                    counter.counts.extend(array(counter.code, bytes(
+                        counter.counts.itemsize * (cluster + 1 - len(counter.counts)))))
+                # still counted as a corruption: the rebuild that must follow
+                # (the grown part reads as zeros) counts it as fixed
+                counter.inc(offset, cs)
+                continue
             res.rebuild = True
             continue
         counter.inc(offset, cs)
@@ -444,8 +510,14 @@ def _stored_block(drv: "Qcow2Driver", index: int):
     return None if blk is None else blk.values
 
 
-def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> int:
-    """Compare stored and computed refcounts; returns the highest used cluster."""
+def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
+                       fix: int = 0) -> int:
+    """Compare stored and computed refcounts; returns the highest used cluster.
+
+    With ``fix``, leaks (FIX_LEAKS) and refcounts below the references
+    (FIX_ERRORS) are set to the references, as QEMU repairs them; a stored
+    refcount of 0 for a used cluster needs a rebuild instead.
+    """
     layout = drv.layout
     entries = layout.refblock_entries
     counts = counter.counts
@@ -487,6 +559,16 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
                     continue
                 if r1 == 0:
                     res.rebuild = True
+                elif (r1 > r2 and fix & FIX_LEAKS) or (r1 < r2 and fix & FIX_ERRORS):
+                    res.report(f"Repairing cluster {lo + i} refcount={r1} reference={r2}")
+                    from imagetools.formats.qcow2.repair import set_refcount
+                    set_refcount(drv, lo + i, r2)
+                    flat[lo + i] = r2
+                    if r1 > r2:
+                        res.leaks_fixed += 1
+                    else:
+                        res.corruptions_fixed += 1
+                    continue
                 if r1 < r2:
                     res.report(f"ERROR cluster {lo + i} refcount={r1} reference={r2}")
                     res.corruptions += 1
@@ -497,7 +579,16 @@ def _compare_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) 
     return highest
 
 
-def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter) -> None:
+def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
+                        fix: int = 0) -> None:
+    """COPIED flags of the active tables against the stored refcounts.
+
+    Repaired with FIX_ERRORS, and with FIX_LEAKS alone when the refcounts
+    are known to be right by now (QEMU's rule).
+    """
+    repair = bool(fix & FIX_ERRORS) or (bool(fix & FIX_LEAKS) and not (
+        res.check_errors or res.corruptions or res.leaks))
+    word = "Repairing" if repair else "ERROR"
     layout = drv.layout
     rc = drv.refcounts
     cbits = drv.cluster_bits
@@ -523,14 +614,21 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter)
         if r is None:
             continue
         if (r == 1) != bool(l1_entry & QCOW_OFLAG_COPIED):
-            res.report(f"ERROR OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={l1_entry:x} "
+            res.report(f"{word} OFLAG_COPIED L2 cluster: l1_index={l1i} l1_entry={l1_entry:x} "
                        f"refcount={r}")
-            res.corruptions += 1
+            if repair:
+                drv.l1.set(l1i, (l1_entry | QCOW_OFLAG_COPIED) if r == 1
+                           else (l1_entry & ~QCOW_OFLAG_COPIED))
+                res.corruptions_fixed += 1
+            else:
+                res.corruptions += 1
+        if repair and l2_offset % drv.cluster_size:
+            continue                  # not a table we may write to (see _check_l1)
         words = counter.active_l2.get(l2_offset)
         if words is None:
             words = read_be64_array(drv.file, l2_offset, layout.l2_entries * (2 if ext else 1))
         entries = words[::2] if ext else words
-        for entry in entries:
+        for j, entry in enumerate(entries):
             if not entry or entry & odd:
                 continue
             offset = entry & L2E_OFFSET_MASK
@@ -543,42 +641,13 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter)
                 if r is None:
                     continue
             if (r == 1) != bool(entry & QCOW_OFLAG_COPIED):
-                res.report(f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                res.report(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} "
                            f"refcount={r}")
-                res.corruptions += 1
-
-
-def metadata_clusters(drv: "Qcow2Driver") -> dict[int, str]:
-    """Host clusters holding metadata, with QEMU's overlap-check names."""
-    cs = drv.cluster_size
-    cbits = drv.cluster_bits
-    h = drv.header
-    meta: dict[int, str] = {0: "qcow2_header"}
-
-    def add(offset: int, size: int, name: str) -> None:
-        if size <= 0:
-            return
-        for c in range(offset >> cbits, ((offset + size - 1) >> cbits) + 1):
-            meta.setdefault(c, name)
-
-    add(drv.l1.offset, len(drv.l1) * 8, "active L1 table")
-    rc = drv.refcounts
-    add(rc.table_offset, len(rc.table) * 8, "refcount table")
-    if h.nb_snapshots:
-        from imagetools.formats.qcow2.snapshots import snapshot_table_size
-        add(h.snapshots_offset, snapshot_table_size(drv.file, h), "snapshot table")
-    for sn in drv.snapshots():
-        add(sn.l1_table_offset, sn.l1_size * 8, "inactive L1 table")
-    for entry in drv.l1.values:
-        if entry & L1E_OFFSET_MASK:
-            add(entry & L1E_OFFSET_MASK, cs, "active L2 table")
-    for raw in rc.table:
-        if raw & REFT_OFFSET_MASK:
-            add(raw & REFT_OFFSET_MASK, cs, "refcount block")
-    for sn in drv.snapshots():
-        if sn.l1_size and sn.l1_table_offset % cs == 0:
-            for entry in read_be64_array(drv.file, sn.l1_table_offset, sn.l1_size):
-                if entry & L1E_OFFSET_MASK:
-                    add(entry & L1E_OFFSET_MASK, cs, "inactive L2 table")
-    return meta
-
+                if repair:
+                    table = drv.l2_cache.get(l2_offset)
+                    table.values[j * (2 if ext else 1)] = (entry | QCOW_OFLAG_COPIED) \
+                        if r == 1 else (entry & ~QCOW_OFLAG_COPIED)
+                    table.dirty = True
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1

@@ -85,7 +85,7 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         self.header = h = hdr.parse_header(first, length, check_mode=check_mode)
         #: problems found while opening in check mode (reported by check())
         self.open_errors: list[str] = []
-        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not read_only:
+        if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not read_only and not check_mode:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
         self.layout = Layout(h)
         self.cluster_bits = h.cluster_bits
@@ -118,13 +118,18 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
             self._repair_dirty()
 
     def _repair_dirty(self) -> None:
-        """A dirty image (killed with lazy refcounts) is repaired before writing."""
-        from imagetools.formats.qcow2.repair import repair_refcounts
-        repair_refcounts(self)
+        """A dirty image (killed with lazy refcounts) is repaired before writing,
+        as QEMU does: check -r all, its lines on stderr."""
+        import os
+        from imagetools.formats.qcow2.repair import FIX_ERRORS, FIX_LEAKS, check_and_repair
+        from imagetools.image import warn
         self._first_write_done = True
-        self.writeback()
-        self._sync()
-        self._set_incompat(hdr.INCOMPAT_DIRTY, False)
+        result = check_and_repair(self, FIX_LEAKS | FIX_ERRORS)
+        for line in result.messages:
+            warn(line)
+        if result.check_errors or result.repair_errno:
+            reason = os.strerror(result.repair_errno or 5)
+            raise ImageError(f"Could not repair dirty image: {reason}")
         self._first_write_done = False
 
     def _open_data_file(self, filename: str) -> None:
@@ -308,6 +313,17 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         from imagetools.formats.qcow2.check import check_image
         self.writeback()
         return check_image(self)
+
+    def repair(self, mode: str):
+        from imagetools.formats.qcow2.repair import MODES, check_and_repair
+        self._writable_check()
+        return check_and_repair(self, MODES[mode])
+
+    def _writable_check(self) -> None:
+        import errno
+        from imagetools.errors import ImageIOError
+        if self.read_only:
+            raise ImageIOError("Image is read-only", errno.EACCES)
 
     # -- metadata writeback ------------------------------------------------
 

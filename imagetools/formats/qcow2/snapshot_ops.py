@@ -102,3 +102,38 @@ def _validate_l1(drv: "Qcow2Driver", snap: SnapshotInfo) -> None:
     if snap.l1_table_offset % drv.cluster_size or \
             (1 << 63) - 1 - 8 * snap.l1_size < snap.l1_table_offset:
         raise ImageIOError("Snapshot L1 table offset invalid", errno.EINVAL)
+
+
+def rewrite_table(drv: "Qcow2Driver") -> None:
+    """Write the snapshot table anew in QEMU 7.2's format (qcow2_write_snapshots).
+
+    Only the table moves (no refcount of anything it describes changes), so
+    QEMU's order is crash-safe here: the new clusters are counted first,
+    the table is written, one 12-byte header write switches to it, and the
+    old table is freed last; an interruption leaves at most a leak.
+    """
+    import struct
+    from imagetools.formats.qcow2.snapshots import encode_table, snapshot_table_size
+    drv._writable_metadata()
+    drv.writeback()
+    drv._before_metadata_write()
+    h = drv.header
+    rc = drv.refcounts
+    cs = drv.cluster_size
+    old_offset = h.snapshots_offset
+    old_size = snapshot_table_size(drv.file, h) if h.nb_snapshots else 0
+    snaps = drv.snapshots()
+    table = encode_table(snaps)
+    offset = rc.allocate(-(-len(table) // cs)) * cs if table else 0
+    drv.writeback()
+    if table:
+        drv.file.pwrite(offset, table)
+    drv._sync()
+    drv.file.pwrite(60, struct.pack(">IQ", len(snaps), offset))
+    drv._sync()
+    h.nb_snapshots, h.snapshots_offset = len(snaps), offset
+    if old_size:
+        first = old_offset // cs
+        rc.defer_free(first, (old_offset + old_size - 1) // cs - first + 1, discard=True)
+    drv.writeback()
+    drv._reload_metadata()

@@ -169,7 +169,7 @@ class Qcow2Writer:
 
     def _metadata_clusters(self) -> dict[int, str]:
         if self._meta_clusters is None:
-            from imagetools.formats.qcow2.check import metadata_clusters
+            from imagetools.formats.qcow2.overlap import metadata_clusters
             self._meta_clusters = metadata_clusters(self)
         return self._meta_clusters
 
