@@ -3,8 +3,9 @@
     check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt]
           [-r [leaks | all]] [-T src_cache] [-U] filename
 
-The driver finds the problems (``Driver.check()``, detection only in this
-release) and says what it found per cluster; this module prints those
+The driver finds the problems (``Driver.check()``; ``Driver.repair()`` for
+``-r leaks|all``, followed by a second check as in qemu-img) and says what
+it found per cluster; this module prints those
 lines on stderr, the summary on stdout (human or JSON) and exits as
 qemu-img does: 0 clean, 2 corruptions, 3 leaks only, 1 the check could not
 be completed, 63 the format has no check.
@@ -61,13 +62,15 @@ def main(argv: list[str]) -> int:
     mode = output_format(output)
     check_cache(cache, source=True)
     if repair is not None:
-        raise Reported(f"Repairing images (-r {repair}) is not implemented yet")
-    drv = open_image(filename, fmt, read_only=True, force_share=force_share,
-                     image_opts=image_opts)
-    try:
-        result = run_check(drv)
-    finally:
-        drv.close()
+        drv, result = repair_image(filename, fmt, repair, force_share=force_share,
+                                   image_opts=image_opts, quiet=quiet or mode == "json")
+    else:
+        drv = open_image(filename, fmt, read_only=True, force_share=force_share,
+                         image_opts=image_opts)
+        try:
+            result = run_check(drv)
+        finally:
+            drv.close()
     failed = getattr(result, "failed", None)
     if failed:
         # the check could not complete (e.g. vmdk's "points after EOF"): no summary
@@ -84,9 +87,45 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run_check(drv):
-    """Run the driver's check and print its per-cluster lines on stderr."""
-    result = drv.check()
+def repair_image(filename: str, fmt: str | None, repair: str, *, force_share: bool,
+                 image_opts: bool, quiet: bool):
+    """check -r: repair (opened read-write in QEMU's check mode), say what was
+    fixed, then check again; the second result carries the fixed counts."""
+    import os
+    from imagetools import image
+    from imagetools.errors import ImageError
+    from imagetools.ops.common import open_error, parse_image_opts
+    if force_share:
+        raise Reported(f"Could not open '{filename}': force-share=on can only be used with "
+                       "read-only images")
+    path = filename
+    if image_opts:
+        path, fmt = parse_image_opts(filename, fmt)
+    try:
+        drv = image.open_image(path, fmt, read_only=False, check=True)
+    except ImageError as err:
+        raise open_error(filename, err) from None
+    try:
+        first = run_check(drv, repair)
+        if getattr(first, "repair_errno", None):
+            raise Reported(f"Check failed: {os.strerror(first.repair_errno)}")
+        if not (first.leaks_fixed or first.corruptions_fixed):
+            return drv, first
+        if not quiet:
+            sys.stdout.write("The following inconsistencies were found and repaired:\n\n"
+                             f"    {first.leaks_fixed} leaked clusters\n"
+                             f"    {first.corruptions_fixed} corruptions\n\n"
+                             "Double checking the fixed image now...\n")
+        result = run_check(drv)
+        result.leaks_fixed, result.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
+        return drv, result
+    finally:
+        drv.close()
+
+
+def run_check(drv, repair: str | None = None):
+    """Run the driver's check (or repair) and print its per-cluster lines on stderr."""
+    result = drv.check() if repair is None else drv.repair(repair)
     for line in getattr(result, "messages", ()) or ():
         sys.stderr.write(line if line.endswith("\n") else line + "\n")
     sys.stderr.flush()
