@@ -454,10 +454,10 @@ class Driver:
         """``qemu-img check -r leaks|all``: check and repair in one pass.
 
         Returns the first pass's result (with the ``*_fixed`` counters); the
-        caller checks again to report the state after the repair.
+        caller checks again to report the state after the repair. Formats
+        that repair nothing report what ``check`` finds.
         """
-        from imagetools.errors import CheckNotSupported
-        raise CheckNotSupported()
+        return self.check()
 
     def create_snapshot(self, name: str, *, date_sec: int, date_nsec: int,
                         vm_clock_nsec: int = 0, vm_state_size: int = 0,
