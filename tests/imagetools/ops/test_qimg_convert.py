@@ -80,6 +80,10 @@ CASES = [
     ("-p", "-c", "-O", "qcow2", "src.raw", "t.qcow2"),
     ("-p", "-S", "0", "-O", "qcow2", "src.qcow2", "t.qcow2"),
     ("-O", "qcow2", "-B", "base.qcow2", "src.qcow2", "t.qcow2"),
+    ("-C", "-O", "raw", "src.qcow2", "t.raw"),
+    ("-C", "-O", "qcow2", "src.raw", "t.qcow2"),
+    ("-r", "1G", "-U", "-T", "none", "-t", "writeback", "-O", "qcow2", "src.qcow2", "t.qcow2"),
+    ("--image-opts", "-O", "raw", "driver=qcow2,file.filename=src.qcow2", "t.raw"),
     ("-c", "-o", "preallocation=full", "-O", "qcow2", "src.qcow2", "t.qcow2"),
     ("-O", "qcow2", "src.qcow2", "src.qcow2", "-B", "base.qcow2", "-F", "qcow2", "t.qcow2"),
 ]
@@ -209,3 +213,24 @@ def test_huge_plans_walk_the_block_status_twice(sources, monkeypatch) -> None:
     monkeypatch.setattr(copy, "PLAN_LIMIT", 2)
     api.convert([str(sources.ours.path("src.qcow2"))], str(sources.ours.path("t.qcow2")))
     _judge(sources, "t.qcow2", "qcow2")
+
+
+@needs("qcow2")
+def test_convert_into_target_image_opts(sources) -> None:
+    sources.setup("ok", "create", "-q", "-f", "qcow2", "pre.qcow2", "8M")
+    sources.same("convert", "-n", "--target-image-opts", "src.qcow2",
+                 "driver=qcow2,file.filename=pre.qcow2")
+    _judge(sources, "pre.qcow2", "qcow2")
+
+
+@needs("qcow2")
+@pytest.mark.parametrize("argv", [
+    ("measure", "-O", "qcow2", "-l", "s1", "src.qcow2"),
+    ("measure", "-O", "qcow2", "-l", "snapshot.id=1", "src.qcow2"),
+    ("measure", "-O", "qcow2", "-l", "nosuch", "src.qcow2"),
+    ("compare", "-U", "-p", "src.qcow2", "src.raw"),
+    ("dd", "-U", "-O", "raw", "bs=1M", "count=2", "if=src.qcow2", "of=d.raw"),
+])
+def test_more_options(sources, argv) -> None:
+    sources.setup("ok", "snapshot", "-c", "s1", "src.qcow2")
+    sources.same(*argv)
