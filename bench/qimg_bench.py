@@ -202,7 +202,7 @@ def main() -> int:
         for name, ref_t, ours_t, ratio, same in rows:
             print(f"| {name} | {ref_t:.3f} | {ours_t:.3f} | {ratio:.2f} | "
                   f"{'yes' if same else 'NO'} |")
-        print(f"\n| start-up | seconds (median) | vs `python -c pass` |")
+        print("\n| start-up | seconds (median) | vs `python -c pass` |")
         print("|---|---:|---:|")
         print(f"| `{Path(sys.executable).name} -c pass` | {bare:.4f} | 1.00 |")
         print(f"| `qimg info` (qcow2) | {ours:.4f} | {ours / bare:.2f} |")

@@ -18,7 +18,6 @@ prints the same records.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
