@@ -179,6 +179,13 @@ class BitmapTracker:
         """Set the bits of everything written, then clear the in-use flags."""
         drv = self.drv
         cs = drv.cluster_size
+        ext = bitmaps_extension(drv.header)
+        if ext is None:
+            return
+        # the directory may have moved since start() (a resize rewrites it)
+        names = {bm.name for bm in self.bitmaps}
+        self.directory_offset = ext.directory_offset
+        self.bitmaps = [bm for bm in read_bitmaps(drv.file, drv.header) if bm.name in names]
         merged: list[list[int]] = []
         for s, e in sorted(self.ranges):
             if merged and s <= merged[-1][1]:
@@ -220,3 +227,74 @@ class BitmapTracker:
             self._write_flags(bm, bm.flags & ~BME_FLAG_IN_USE)
         drv.file.flush()
         self.ranges = []
+
+
+def resize_bitmaps(drv, old_size: int, new_size: int) -> tuple[bytes, list[int]] | None:
+    """Bitmaps stored anew for a virtual size change (written and counted).
+
+    QEMU only loads a bitmap whose table has exactly the entries the image
+    size needs, so the switch to the new tables must come with the new size:
+    this returns the new bitmaps extension (for the header write that also
+    carries the size) and the clusters to free after it, or None when the
+    image has no bitmaps. As QEMU stores bitmaps, every non-zero bitmap
+    cluster is written to a new cluster, then its table, then the directory;
+    new bits are clear and bits past a shrunken end are dropped.
+    """
+    ext = bitmaps_extension(drv.header)
+    if ext is None:
+        return None
+    bitmaps = read_bitmaps(drv.file, drv.header)
+    cs = drv.cluster_size
+    rc = drv.refcounts
+    frees: list[int] = []
+    stored = []
+    for bm in bitmaps:
+        old = read_bitmap_table(drv.file, bm, old_size, cs)
+        bits = -(-new_size // bm.granularity)
+        table = []
+        for ci in range(-(-bits // (8 * cs))):
+            entry = old[ci] if ci < len(old) else 0
+            offset = entry & BME_TABLE_ENTRY_OFFSET_MASK
+            if offset:
+                data = bytearray(drv.file.pread_full(offset, cs))
+            else:
+                data = bytearray(b"\xff" * cs if entry & 1 else cs)
+            keep = bits - ci * 8 * cs
+            if keep < 8 * cs:
+                _clear_from(data, keep)
+            if not any(data):
+                table.append(0)
+                continue
+            home = rc.allocate(1) * cs
+            drv.writeback()                  # counted before it is written
+            drv.file.pwrite(home, bytes(data))
+            table.append(home)
+        frees += [e & BME_TABLE_ENTRY_OFFSET_MASK for e in old if e & BME_TABLE_ENTRY_OFFSET_MASK]
+        home = rc.allocate(-(-8 * len(table) // cs)) * cs if table else 0
+        drv.writeback()
+        if table:
+            drv.file.pwrite(home, struct.pack(f">{len(table)}Q", *table))
+        stored.append((bm, home, len(table)))
+        if bm.table_size:
+            frees += range(bm.table_offset, bm.table_offset + 8 * bm.table_size, cs)
+    directory = bytearray()
+    for bm, home, size in stored:
+        name = bm.name.encode("utf-8", "surrogateescape")
+        directory += _DIR_ENTRY.pack(home, size, bm.flags, bm.type, bm.granularity_bits,
+                                     len(name), len(bm.extra))
+        directory += bm.extra + name
+        directory += bytes(-len(directory) % 8)
+    dir_home = rc.allocate(-(-len(directory) // cs)) * cs
+    drv.writeback()
+    drv.file.pwrite(dir_home, bytes(directory))
+    frees += range(ext.directory_offset, ext.directory_offset + ext.directory_size, cs)
+    return struct.pack(">IIQQ", len(bitmaps), 0, len(directory), dir_home), frees
+
+
+def _clear_from(buf: bytearray, bit: int) -> None:
+    """Clear bits ``bit`` and up of ``buf``."""
+    byte = bit >> 3
+    if bit & 7:
+        buf[byte] &= (1 << (bit & 7)) - 1
+        byte += 1
+    buf[byte:] = bytes(len(buf) - byte)

@@ -275,6 +275,10 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         from imagetools.formats.qcow2 import snapshot_ops
         snapshot_ops.delete(self, snapshot_id, name)
 
+    def truncate(self, size: int, *, prealloc: str = "off") -> None:
+        from imagetools.formats.qcow2.resize import truncate
+        truncate(self, size, prealloc)
+
     def _writable_metadata(self) -> None:
         """Refuse metadata changes on read-only or corrupt images."""
         import errno

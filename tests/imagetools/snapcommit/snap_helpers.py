@@ -23,7 +23,8 @@ def run(*argv: str, cwd: Path | str | None = None, check: bool = True,
 
 def qemu_check(qemu_img: str, path: Path | str, *, allow_leaks: bool = False) -> dict:
     """qemu-img check --output=json; asserts no corruption (and no leaks unless allowed)."""
-    proc = run(qemu_img, "check", "--output=json", str(path), check=False)
+    proc = run(qemu_img, "check", "--output=json", str(path), check=False,
+               cwd=Path(path).parent)
     assert proc.returncode in ((0, 3) if allow_leaks else (0,)), (
         f"qemu-img check {path}: exit {proc.returncode}\n{proc.stdout.decode()}"
         f"{proc.stderr.decode()}")
@@ -39,7 +40,7 @@ def guest_bytes(qemu_img: str, path: Path | str, scratch: Path, *,
         argv += ["-f", fmt]
     if snapshot is not None:
         argv += ["-l", snapshot]
-    run(*argv, str(path), str(out))
+    run(*argv, str(path), str(out), cwd=Path(path).parent)
     data = out.read_bytes()
     out.unlink()
     return data
