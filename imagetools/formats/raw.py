@@ -183,6 +183,30 @@ class RawDriver(Driver):
         if tail < end:
             yield Extent(tail, end - tail, True, True, False, tail, 0, name)
 
+    def truncate(self, size: int, *, prealloc: str = "off") -> None:
+        """qemu-img resize: the file becomes exactly ``size`` bytes (QEMU's
+        file protocol with exact=true); falloc reserves and full writes the
+        new part. Block devices cannot change size. (Added for the
+        snapshot/commit issue.)"""
+        if prealloc not in PREALLOC_MODES:
+            raise UnsupportedError(f"Unsupported preallocation mode: {prealloc}")
+        if self.read_only:
+            raise ImageIOError("Image is read-only", errno.EACCES)
+        file = self.file
+        old = file.length()
+        if file.is_block:
+            if size != old:
+                raise UnsupportedError("Cannot resize device files")
+            return
+        if size < old and prealloc != "off":
+            raise ImageError("Cannot use preallocation for shrinking files")
+        if size > old and prealloc == "falloc":
+            file.fallocate(old, size - old)
+        elif size > old and prealloc == "full":
+            file.write_zero_data(old, size - old)
+        file.truncate(size)
+        self._size = _round_up(size, SECTOR)
+
     def allocated_size(self) -> int | None:
         return self.file.allocated()
 
