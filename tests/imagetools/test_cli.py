@@ -6,6 +6,7 @@ real qemu-img are in tests/imagetools/ops/test_qimg_*.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -61,8 +62,20 @@ def test_help_after_a_command(capsys) -> None:
     assert rc == 0 and "usage: qimg" in out
 
 
-@pytest.mark.parametrize("command", ["commit", "rebase", "amend", "bitmap"])
-def test_issue5_commands_say_not_implemented(capsys, command: str) -> None:
+def test_a_command_without_a_module_says_not_implemented(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("frobnicate",))
+    rc, out, err = run_main(capsys, "frobnicate", "x.qcow2")
+    assert (rc, out) == (1, "")
+    assert err == "qimg: 'frobnicate' is not implemented yet\n"
+
+
+# issue 5's commands answer "not implemented yet" until their module lands
+PENDING = [c for c in ("commit", "rebase", "resize", "amend", "bitmap")
+           if importlib.util.find_spec(f"imagetools.ops.{c}") is None]
+
+
+@pytest.mark.parametrize("command", PENDING)
+def test_pending_commands_say_not_implemented(capsys, command: str) -> None:
     rc, out, err = run_main(capsys, command, "x.qcow2")
     assert (rc, out) == (1, "")
     assert err == f"qimg: '{command}' is not implemented yet\n"
