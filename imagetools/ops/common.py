@@ -149,3 +149,26 @@ def status_runs(drv, start: int = 0):
                 cut = min(cut, (pos // span + 1) * span)
             yield ext.clipped(pos, cut) if (pos, cut) != (ext.start, end) else ext
             pos = cut
+
+
+def refuse_source_as_target(target: str, sources, prefix: str) -> None:
+    """Refuse to write into a file that is also being read (a source image or
+    one of its backing files): creating it would truncate the data first.
+
+    qemu-img refuses this through its image locks; the report is the same.
+    """
+    import os
+    try:
+        st = os.stat(target)
+    except OSError:
+        return
+    mine = (st.st_dev, st.st_ino)
+    for src in sources:
+        for node in src.chain():
+            try:
+                other = os.stat(node.filename)
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == mine:
+                raise Reported(f'{prefix}Failed to get "write" lock\n'
+                               f"Is another process using the image [{target}]?")

@@ -131,7 +131,16 @@ def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None)
             if len(sources) > 1:
                 raise Reported("Copying bitmaps only possible with single source")
             _check_bitmaps(sources[0])
-        if not job.skip_create:
+        from imagetools.ops.common import refuse_source_as_target
+        if job.skip_create:
+            target_path = job.target
+            if job.target_image_opts:
+                from imagetools.ops.common import parse_image_opts
+                target_path = parse_image_opts(job.target, None)[0]
+            refuse_source_as_target(target_path, sources, f"Could not open '{job.target}': ")
+        else:
+            refuse_source_as_target(job.target, sources,
+                                    f"{job.target}: error while converting {job.out_fmt}: ")
             _create_target(job, opts)
         check_cache(job.cache)
         target = _open_target(job)

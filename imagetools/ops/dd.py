@@ -77,6 +77,9 @@ def dd(params: dict, *, fmt: str | None = None, out_fmt: str = "raw",
             size = count * bs
         beyond = skip is not None and (skip > INT64_MAX // bs or size < bs * skip)
         out_size = 0 if beyond else size - bs * (skip or 0)
+        from imagetools.ops.common import refuse_source_as_target
+        refuse_source_as_target(params["of"], [src],
+                                f"{params['of']}: error while creating output image: ")
         _create_output(params["of"], out_fmt, out_size)
         out = open_image(params["of"], out_fmt, read_only=False)
         try:

@@ -234,3 +234,24 @@ def test_convert_into_target_image_opts(sources) -> None:
 def test_more_options(sources, argv) -> None:
     sources.setup("ok", "snapshot", "-c", "s1", "src.qcow2")
     sources.same(*argv)
+
+
+@needs("qcow2")
+@pytest.mark.parametrize("argv", [("convert", "-O", "raw", "src.raw", "src.raw"),
+                                  ("convert", "-n", "-O", "raw", "src.raw", "src.raw"),
+                                  ("convert", "-O", "qcow2", "top.qcow2", "base.qcow2")])
+def test_a_source_is_never_the_target(sources, argv) -> None:
+    before = sources.ours.path(argv[-1]).read_bytes()
+    sources.same(*argv)        # qemu-img refuses through its locks: same words
+    assert sources.ours.path(argv[-1]).read_bytes() == before
+
+
+def test_dd_onto_its_input_is_refused(tools) -> None:
+    # qemu-img 7.2 truncates the file and exits 0; qimg keeps the data
+    tools.image("s.raw", "raw", "1M", "write -P 0x33 0 64k")
+    before = tools.path("s.raw").read_bytes()
+    run = tools.ours("dd", "if=s.raw", "of=s.raw")
+    assert run.rc == 1
+    assert run.err.decode() == ('qemu-img: s.raw: error while creating output image: Failed to '
+                                'get "write" lock\nIs another process using the image [s.raw]?\n')
+    assert tools.path("s.raw").read_bytes() == before
