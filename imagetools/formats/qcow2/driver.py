@@ -275,6 +275,10 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         from imagetools.formats.qcow2 import snapshot_ops
         snapshot_ops.delete(self, snapshot_id, name)
 
+    def make_empty(self) -> None:
+        from imagetools.formats.qcow2.empty import make_empty
+        make_empty(self)
+
     def truncate(self, size: int, *, prealloc: str = "off") -> None:
         from imagetools.formats.qcow2.resize import truncate
         truncate(self, size, prealloc)
