@@ -178,6 +178,35 @@ def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
     return top
 
 
+def reopen_backing_read_write(overlay: Driver, cache: str | None = None) -> Driver:
+    """Reopen ``overlay.backing`` for writing and return it (qemu-img commit
+    writes into a backing file of the image it opened).
+
+    The backing file's own chain stays open as it is. Its read-only handle
+    is closed first, because two handles of one process refuse each other's
+    QEMU locks; if the read-write open fails, the chain below is closed too
+    and the overlay is left without a backing file. (Added for the
+    snapshot/commit issue.)
+    """
+    node = overlay.backing
+    if node is None:
+        raise ImageError("Image does not have a backing file")
+    below = node.backing
+    node.backing = None
+    node.close()
+    overlay.backing = None
+    try:
+        new = open_image(node.filename, node.format_name, read_only=False, open_backing=False,
+                         cache=cache)
+    except BaseException:
+        if below is not None:
+            below.close()
+        raise
+    new.backing = below
+    overlay.backing = new
+    return new
+
+
 def _identity(drv: Driver) -> tuple[int, int] | None:
     file = getattr(drv, "file", None)
     return getattr(file, "dev_ino", None)
