@@ -76,6 +76,8 @@ PENDING = [c for c in ("commit", "rebase", "resize", "amend", "bitmap")
 
 @pytest.mark.parametrize("command", PENDING)
 def test_pending_commands_say_not_implemented(capsys, command: str) -> None:
+    if importlib.util.find_spec(f"imagetools.ops.{command}") is not None:
+        pytest.skip(f"imagetools/ops/{command}.py landed after collection")
     rc, out, err = run_main(capsys, command, "x.qcow2")
     assert (rc, out) == (1, "")
     assert err == f"qimg: '{command}' is not implemented yet\n"
