@@ -25,29 +25,18 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _agent_choice(serves: bool) -> tuple[str, str]:
-    if serves:
-        return "qga", "qga (the project's agent)"
-    return "qemu-ga", "qemu-ga 7.2 (the project's qga does not serve yet, so the reference runs)"
-
-
 def main() -> int:
     e2e = REPO / "tests" / "e2e"
     if not (e2e / "e2e_proof.py").exists():
         print("quiesce demo: needs a source checkout (tests/e2e holds the guest builder)")
         return 1
     sys.path.insert(0, str(e2e))
-    import e2e_readiness as readiness
     from guest import GuestError, GuestUnavailable, kvm_usable
     from guest_build import ensure_guest_image
     from e2e_proof import run_proof
 
     print("quiesce demo: back up a running guest while it writes, then prove the backup")
-    if not readiness.ENGINE_READY:
-        print("  not possible yet: the project's image engine cannot write qcow2 images "
-              "(imagetools.api / qcow2 driver are still being built)")
-        return 1
-    agent, agent_text = _agent_choice(readiness.PROJECT_QGA_SERVES)
+    agent, agent_text = "qga", "qga (the project's agent)"
     try:
         image = ensure_guest_image()
     except GuestUnavailable as exc:

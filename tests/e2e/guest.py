@@ -38,6 +38,9 @@ from guest_build import REPO, GuestImage, GuestUnavailable, ensure_guest_image
 
 HERE = Path(__file__).resolve().parent
 AGENT_PORT = "org.qemu.guest_agent.0"
+
+#: the agents a real-guest test runs: the reference qemu-ga and the project's qga
+AGENTS = ("qemu-ga", "qga")
 CTL_PORT = "org.quiesce.ctl"
 GUEST_PYTHON = "/usr/bin/python3"
 

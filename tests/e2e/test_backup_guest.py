@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from e2e_readiness import AGENTS, ENGINE_READY, needs_engine
+from guest import AGENTS
 from e2e_proof import run_proof
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.oracle]
 
 
-@needs_engine
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("agent_name", AGENTS)
 def test_backup_of_a_real_guest_under_write_load(agent_name, guest_image, tmp_path,
@@ -59,8 +58,6 @@ def test_no_agent_in_the_guest(guest_image, ext4_qcow2, tmp_path, qemu_system):
         assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
         top = raw_qmp(guest.qmp_socket, [{"execute": "query-block"}])[0]["return"]
         assert [b["inserted"]["node-name"] for b in top if b.get("inserted")] == ["data0"]
-        if not ENGINE_READY:
-            return
         out = quiesce("backup", "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket),
                       "--on-agent-failure", "crash-consistent", "--json", str(tmp_path / "c"))
         assert out.returncode == 0, out.stderr
@@ -70,7 +67,6 @@ def test_no_agent_in_the_guest(guest_image, ext4_qcow2, tmp_path, qemu_system):
         guest.wait_writer(guest.writer_progress() + 2)
 
 
-@needs_engine
 @pytest.mark.timeout(180)
 def test_ctrl_c_during_the_copy_of_a_real_guest(guest_image, tmp_path, qemu_system, qemu_img):
     """SIGINT while the engine copies: the overlay is committed back, the guest
@@ -118,7 +114,6 @@ exit 0
 """
 
 
-@needs_engine
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("agent_name", AGENTS)
 def test_freeze_and_thaw_failing_in_a_real_guest(agent_name, guest_image, ext4_qcow2, tmp_path,

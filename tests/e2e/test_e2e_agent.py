@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from e2e_readiness import AGENTS
-from guest import DataDisk, GuestSpec, boot_guest
+from guest import AGENTS, DataDisk, GuestSpec, boot_guest
 from hostclient.agentclient import AgentClient, AgentTimeouts
 from hostclient.errors import AgentCommandError
 
