@@ -187,19 +187,3 @@ def tools(qemu_img, qemu_io, qimg_as_qemu_img, tmp_path) -> Tools:
 def shared_tools(qemu_img, qemu_io, qimg_as_qemu_img, tmp_path_factory) -> Tools:
     """One scratch directory for a whole test module (images built once)."""
     return Tools(qemu_img, qemu_io, qimg_as_qemu_img, tmp_path_factory.mktemp("ws"))
-
-
-def have_driver(name: str) -> bool:
-    """Whether the engine has a working driver for format ``name``."""
-    try:
-        from imagetools.formats import driver
-        cls = driver(name)
-    except Exception:
-        return False
-    return getattr(cls, "can_open", True) and "open" in vars(cls)
-
-
-def needs(name: str):
-    """Mark a test that needs a driver H3 has not landed yet (strict xfail)."""
-    return pytest.mark.xfail(not have_driver(name), strict=True,
-                             reason=f"the {name} format driver is not in the tree yet")

@@ -14,7 +14,6 @@ import os
 import re
 
 import pytest
-from qimg_harness import needs
 
 pytestmark = pytest.mark.oracle
 
@@ -116,7 +115,6 @@ def _settled(path):
         os.close(fd)
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", CASES, ids=" ".join)
 def test_convert(sources, argv) -> None:
     result = sources.same("convert", *argv)
@@ -126,7 +124,6 @@ def test_convert(sources, argv) -> None:
         _judge(sources, argv[-1], fmt, exact_layout="-W" not in argv)
 
 
-@needs("qcow2")
 def test_convert_into_existing_raw_target(sources) -> None:
     sources.setup("ok", "create", "-q", "-f", "raw", "pre.raw", "8M")
     sources.setup("io", "raw", "pre.raw", "write -P 0x77 0 8M")
@@ -134,7 +131,6 @@ def test_convert_into_existing_raw_target(sources) -> None:
     _judge(sources, "pre.raw", "raw")
 
 
-@needs("qcow2")
 def test_convert_into_existing_qcow2_target(sources) -> None:
     sources.setup("ok", "create", "-q", "-f", "qcow2", "pre.qcow2", "16M")
     sources.setup("io", "qcow2", "pre.qcow2", "write -P 0x77 0 16M")
@@ -142,14 +138,12 @@ def test_convert_into_existing_qcow2_target(sources) -> None:
     _judge(sources, "pre.qcow2", "qcow2")
 
 
-@needs("qcow2")
 def test_convert_target_is_zero(sources) -> None:
     sources.setup("ok", "create", "-q", "-f", "qcow2", "z.qcow2", "8M")
     sources.same("convert", "-n", "--target-is-zero", "-O", "qcow2", "src.qcow2", "z.qcow2")
     _judge(sources, "z.qcow2", "qcow2")
 
 
-@needs("qcow2")
 def test_convert_internal_snapshot(sources) -> None:
     sources.setup("ok", "snapshot", "-c", "s1", "src.qcow2")
     sources.setup("io", "qcow2", "src.qcow2", "write -P 0xee 0 2M")
@@ -181,7 +175,6 @@ def _damage_second_compressed_cluster(path) -> None:
         f.write(b"\xff" * 16)
 
 
-@needs("qcow2")
 def test_unreadable_data_is_reported_at_the_same_place_and_salvaged_alike(pair) -> None:
     pair.setup("image", "s.raw", "raw", "1M", "write -P 0x41 0 1M")
     pair.setup("ok", "convert", "-c", "-O", "qcow2", "s.raw", "c.qcow2")
@@ -204,7 +197,6 @@ def test_unreadable_data_is_reported_at_the_same_place_and_salvaged_alike(pair) 
     assert pair.ref.path("o.raw").read_bytes() == pair.ours.path("o.raw").read_bytes()
 
 
-@needs("qcow2")
 def test_huge_plans_walk_the_block_status_twice(sources, monkeypatch) -> None:
     # Past PLAN_LIMIT chunks the first pass is not kept: the result must not change.
     from imagetools import api
@@ -215,7 +207,6 @@ def test_huge_plans_walk_the_block_status_twice(sources, monkeypatch) -> None:
     _judge(sources, "t.qcow2", "qcow2")
 
 
-@needs("qcow2")
 def test_convert_into_target_image_opts(sources) -> None:
     sources.setup("ok", "create", "-q", "-f", "qcow2", "pre.qcow2", "8M")
     sources.same("convert", "-n", "--target-image-opts", "src.qcow2",
@@ -223,7 +214,6 @@ def test_convert_into_target_image_opts(sources) -> None:
     _judge(sources, "pre.qcow2", "qcow2")
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", [
     ("measure", "-O", "qcow2", "-l", "s1", "src.qcow2"),
     ("measure", "-O", "qcow2", "-l", "snapshot.id=1", "src.qcow2"),
@@ -236,7 +226,6 @@ def test_more_options(sources, argv) -> None:
     sources.same(*argv)
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", [("convert", "-O", "raw", "src.raw", "src.raw"),
                                   ("convert", "-n", "-O", "raw", "src.raw", "src.raw"),
                                   ("convert", "-O", "qcow2", "top.qcow2", "base.qcow2")])

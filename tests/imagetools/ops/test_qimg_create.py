@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from qimg_harness import needs
 
 pytestmark = pytest.mark.oracle
 
@@ -92,7 +91,6 @@ QCOW2_CASES = [
 ]
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", QCOW2_CASES, ids=" ".join)
 def test_create_qcow2(pair, argv) -> None:
     result = pair.same(*argv)
@@ -120,7 +118,6 @@ BACKING_CASES = [
 ]
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", BACKING_CASES, ids=" ".join)
 def test_create_with_backing_file(pair, argv) -> None:
     pair.setup("image", "base.qcow2", "qcow2", "64M", "write -P 0xaa 0 1M")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-from qimg_harness import needs
 
 pytestmark = pytest.mark.oracle
 
@@ -32,7 +31,6 @@ DD_CASES = [
 ]
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", DD_CASES, ids=" ".join)
 def test_dd(src, argv) -> None:
     result = src.same("dd", *argv)
@@ -65,7 +63,6 @@ MEASURE_CASES = [
 ]
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", MEASURE_CASES, ids=" ".join)
 def test_measure(src, argv) -> None:
     src.ref.same("measure", *argv)
@@ -84,7 +81,6 @@ BENCH_CASES = [
 _TIME = re.compile(rb"Run completed in \d+\.\d{3} seconds\.")
 
 
-@needs("qcow2")
 @pytest.mark.parametrize("argv", BENCH_CASES, ids=" ".join)
 def test_bench(src, argv) -> None:
     ref, ours = src.ref.both("bench", *argv)
@@ -92,7 +88,6 @@ def test_bench(src, argv) -> None:
     assert _TIME.sub(b"T", ours.out) == _TIME.sub(b"T", ref.out)
 
 
-@needs("qcow2")
 def test_bench_writes_what_qemu_img_writes(src) -> None:
     argv = ("-w", "-c", "300", "-s", "5000", "-S", "7000", "-o", "1000", "--pattern=0x5a")
     src.ref.ref("bench", *argv, "src.qcow2")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from qimg_harness import needs
 
-pytestmark = [pytest.mark.oracle, needs("qcow2")]
+pytestmark = [pytest.mark.oracle]
 
 
 def _patch(path, offset: int, fmt: str, value: int) -> None:
@@ -110,16 +109,7 @@ IMAGES = ["r.raw", "sparse.raw", "q.qcow2", "base.qcow2", "top.qcow2", "top3.qco
           "sub/t.qcow2", "text.img", 'we"ird\\name.qcow2', "sp\u00e9c"]
 
 
-def _known(command: str, image: str):
-    """Cases that wait for a driver feature (strict xfail naming it)."""
-    reasons: dict[tuple[str, str], str] = {}
-    reason = reasons.get((command, image))
-    if reason is None:
-        return image
-    return pytest.param(image, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-@pytest.mark.parametrize("image", [_known("info", i) for i in IMAGES])
+@pytest.mark.parametrize("image", IMAGES)
 @pytest.mark.parametrize("cmd", [("info",), ("info", "--output=json"),
                                  ("info", "--backing-chain"),
                                  ("info", "--backing-chain", "--output=json"), ("info", "-U")])
@@ -127,7 +117,7 @@ def test_info(ws, cmd, image) -> None:
     ws.same(*cmd, image)
 
 
-@pytest.mark.parametrize("image", [_known("map", i) for i in IMAGES])
+@pytest.mark.parametrize("image", IMAGES)
 @pytest.mark.parametrize("cmd", [("map",), ("map", "--output=json")])
 def test_map(ws, cmd, image) -> None:
     ws.same(*cmd, image)
