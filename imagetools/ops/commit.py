@@ -93,21 +93,30 @@ def find_base_parent(top, filename: str, base_name: str | None):
         if top.backing is None:
             raise Reported("Image does not have a backing file")
         return top
+    parent = find_in_chain(top, base_name)
+    if parent is None:
+        raise Reported(f"Did not find '{base_name}' in the backing chain of '{filename}'")
+    return parent
+
+
+def find_in_chain(top, name: str):
+    """QEMU's bdrv_find_backing_image: the image whose backing file ``name`` is
+    (taken relative to that image's directory, compared by real path), or None."""
     from imagetools.image import path_has_protocol, resolve_backing_path
     node = top
     while node.backing is not None:
-        name = node.backing_filename or ""
-        if path_has_protocol(base_name) or path_has_protocol(name):
-            if base_name in (name, resolve_backing_path(node.filename, name)):
+        recorded = node.backing_filename or ""
+        if path_has_protocol(name) or path_has_protocol(recorded):
+            if name in (recorded, resolve_backing_path(node.filename, recorded)):
                 return node
         else:
-            wanted = _real(base_name if base_name.startswith("/") else
-                           os.path.join(os.path.dirname(node.filename), base_name))
-            actual = _real(resolve_backing_path(node.filename, name))
+            wanted = _real(name if name.startswith("/") else
+                           os.path.join(os.path.dirname(node.filename), name))
+            actual = _real(resolve_backing_path(node.filename, recorded))
             if wanted is not None and wanted == actual:
                 return node
         node = node.backing
-    raise Reported(f"Did not find '{base_name}' in the backing chain of '{filename}'")
+    return None
 
 
 def _real(path: str) -> str | None:

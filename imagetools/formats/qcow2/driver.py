@@ -377,6 +377,64 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         data = self.header.encode()
         self.file.pwrite(0, data)
 
+    def update_header(self) -> None:
+        """Rewrite the header as QEMU's qcow2_update_header lays it out.
+
+        Extensions in QEMU's order (backing format, data file, crypto header,
+        feature table -- v3 with clusters over 4 KiB --, bitmaps, then unknown
+        ones), QEMU's header length, the backing file name after them; what
+        the rest of the header cluster is zeroed, all in one write, as QEMU
+        writes it (the header itself stays within the first page, so even a
+        write cut short by a kill leaves it whole).
+        """
+        import errno
+        from imagetools.errors import ImageIOError
+        h = self.header
+        known = (hdr.EXT_BACKING_FORMAT, hdr.EXT_DATA_FILE, hdr.EXT_CRYPTO_HEADER,
+                 hdr.EXT_FEATURE_TABLE, hdr.EXT_BITMAPS)
+        exts = {e.kind: e for e in h.extensions}
+        ordered = []
+        for kind in known:
+            if kind == hdr.EXT_FEATURE_TABLE:
+                if h.version >= 3 and h.cluster_size > 4096:
+                    ordered.append(exts.get(kind) or hdr.HeaderExtension(
+                        kind, hdr.encode_feature_table()))
+            elif kind == hdr.EXT_BACKING_FORMAT and not h.backing_file:
+                continue
+            elif kind in exts:
+                ordered.append(exts[kind])
+        ordered += [e for e in h.extensions if e.kind not in known]
+        h.extensions = ordered
+        h.header_length = (hdr.QEMU_HEADER_LENGTH + len(h.unknown_fields)
+                           if h.version >= 3 else hdr.V2_HEADER_LENGTH)
+        try:
+            data = h.encode()
+        except ImageError:
+            raise ImageIOError("No space left on device", errno.ENOSPC) from None
+        self.file.pwrite(0, data.ljust(self._cluster_size, b"\0"))
+        self._sync()
+
+    def change_backing_file(self, filename: str | None, fmt: str | None) -> None:
+        import errno
+        from imagetools.errors import ImageIOError
+        self._writable_metadata()
+        if filename and self.data_file_raw:
+            raise ImageIOError("Invalid argument", errno.EINVAL)
+        if filename and len(filename.encode("utf-8", "surrogateescape")) > 1023:
+            raise ImageIOError("Invalid argument", errno.EINVAL)
+        self.writeback()
+        self._before_metadata_write()
+        h = self.header
+        saved = (h.backing_file, list(h.extensions))
+        h.backing_file = filename or None
+        h.set_extension(hdr.EXT_BACKING_FORMAT,
+                        fmt.encode("utf-8", "surrogateescape") if fmt and filename else None)
+        try:
+            self.update_header()
+        except ImageError:
+            h.backing_file, h.extensions = saved
+            raise
+
     def _set_incompat(self, bit: int, on: bool) -> None:
         h = self.header
         value = (h.incompatible_features | bit) if on else (h.incompatible_features & ~bit)

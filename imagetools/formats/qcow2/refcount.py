@@ -278,18 +278,27 @@ class Refcounts:
             pos = nxt
 
     def allocate(self, count: int) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index."""
+        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index.
+
+        QEMU's qcow2_alloc_clusters, placement included: the run is the first
+        free one from the free-cluster hint; when a refcount block it needs
+        is missing, the block is made first (see :meth:`_alloc_block`) and the
+        search starts again -- from the run's start if part of it was already
+        counted (QEMU undoes that part), else from behind the new block.
+        """
         if self.read_only:
             raise ImageError("qcow2: cannot allocate clusters in a read-only image")
+        bits = self.layout.refblock_bits
         while True:
             first = self.find_free(count)
+            self.free_hint = first + count
             missing = self._missing_blocks(first, count)
             if not missing:
                 self.change(first, count, 1)
-                self.free_hint = first + count
                 return first
-            for index in missing:
-                self._create_block(index)
+            self._alloc_block(missing[0])
+            if missing[0] << bits > first:
+                self.free_hint = min(self.free_hint, first)
 
     def allocate_at(self, first: int, count: int) -> bool:
         """Claim exactly clusters ``first..first+count-1`` if they are free."""
@@ -307,49 +316,154 @@ class Refcounts:
         return [i for i in range(first >> bits, ((first + count - 1) >> bits) + 1)
                 if not self.block_offset(i) and i not in self.blocks]
 
-    def _create_block(self, index: int) -> None:
-        """Make refcount block ``index``, stored in the first cluster it describes.
-
-        Every cluster a missing block describes is free, so its first one is
-        too, and the block then counts itself.
+    def _alloc_block(self, index: int) -> None:
+        """Make refcount block ``index`` where QEMU's alloc_refcount_block puts
+        it: in the first free cluster from the hint. It counts itself when it
+        lies in its own range; else the block covering that cluster counts it,
+        and if that one is missing too, it is made first instead (the caller
+        comes back). A table too small for ``index`` is replaced by a larger
+        one together with new blocks past everything used (QEMU's way).
         """
+        bits = self.layout.refblock_bits
+        cluster = self.find_free(1)
+        self.free_hint = cluster + 1
+        home = cluster >> bits
         if index >= len(self.table):
-            self._grow_table(index + 1)
-            if self.block_offset(index) or index in self.blocks:
-                return
-        cluster = index << self.layout.refblock_bits
+            self._grow_table_for(index, cluster)
+            return
+        if home != index and not self.block_offset(home) and home not in self.blocks:
+            if home < len(self.table):
+                self._alloc_block(home)
+            else:
+                self._grow_table_for(home, cluster)
+            return
         values = self._new_block_values()
-        values[0] = 1
         blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
+        if home == index:
+            values[cluster & (self.layout.refblock_entries - 1)] = 1
+        else:
+            self.change(cluster, 1, 1)
+        self._hook_block(index, blk)
+
+    def _hook_block(self, index: int, blk: RefBlock) -> None:
         self.blocks[index] = blk
         if self.on_metadata is not None:
             self.on_metadata(blk.offset, "refcount block")
         self.table[index] = blk.offset
         self.table_dirty.add(index)
 
-    def _grow_table(self, min_entries: int) -> None:
-        """Move the table to a bigger place (in memory; written by writeback)."""
-        cs = self.layout.cluster_size
-        old_entries = len(self.table)
-        new_entries = max(old_entries, cs // 8)
-        while new_entries < min_entries + 2:
-            new_entries = new_entries * 3 // 2 + cs // 8
-        new_entries = -(-new_entries * 8 // cs) * cs // 8
-        if new_entries * 8 > QCOW_MAX_REFTABLE_SIZE:
-            raise ImageError("qcow2: the image is too large for its refcount table "
-                             f"(limit {QCOW_MAX_REFTABLE_SIZE} bytes)")
-        old_offset, old_clusters = self.table_offset, self.table_clusters
-        self.table.extend(array("Q", bytes(8 * (new_entries - old_entries))))
-        clusters = new_entries * 8 // cs
-        first = self.allocate(clusters)
-        self.old_tables.append((old_offset, old_clusters))
-        self.table_offset = first * cs
-        self.table_clusters = clusters
+    def _create_block(self, index: int) -> None:
+        """Make sure refcount block ``index`` exists (callers outside the allocator)."""
+        while not self.block_offset(index) and index not in self.blocks:
+            self._alloc_block(index)
+
+    def _grow_table_for(self, index: int, cluster: int) -> None:
+        """The table has no entry ``index``: block ``index`` goes to ``cluster``
+        (already the first free one) and a larger table, with new blocks for
+        everything up to it, is put behind all that is used -- QEMU's path."""
+        bits = self.layout.refblock_bits
+        home = cluster >> bits
+        if home != index and (home >= len(self.table) or not self.block_offset(home)) \
+                and home not in self.blocks:
+            index = home                      # QEMU makes that block first
+        values = self._new_block_values()
+        blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
+        if home == index:
+            values[cluster & (self.layout.refblock_entries - 1)] = 1
+        else:
+            self.change(cluster, 1, 1)
+        self.blocks[index] = blk
         if self.on_metadata is not None:
-            for k in range(clusters):
-                self.on_metadata((first + k) * cs, "refcount table")
-        self.table_dirty = set(range(len(self.table)))
-        self._table_moved = True
+            self.on_metadata(blk.offset, "refcount block")
+        used = max(index + 1, home + 1)
+        self.area(used * self.layout.refblock_entries * self.layout.cluster_size, 0,
+                  exact=False, new_index=index, new_offset=blk.offset)
+
+    def blocks_needed(self, clusters: int, *, generous: bool = False) -> int:
+        """Refcount blocks to count ``clusters`` and the refcount structures
+        themselves (qcow2_refcount_metadata_size's fixed point)."""
+        cs = self.layout.cluster_size
+        per_table_cluster = cs // 8
+        per_block = self.layout.refblock_entries
+        table = blocks = n = 0
+        while True:
+            last = n
+            blocks = -(-(clusters + table + blocks) // per_block)
+            table = -(-blocks // per_table_cluster)
+            n = clusters + blocks + table
+            if n == last and generous:
+                clusters += -(-table // 2)
+                n = 0
+                generous = False
+            elif n == last:
+                return blocks
+
+    def area(self, start: int, additional: int, *, exact: bool, new_index: int | None = None,
+             new_offset: int = 0) -> int:
+        """QEMU's qcow2_refcount_area: refcount blocks for everything up to
+        ``additional`` clusters past ``start``, then a new refcount table, are
+        written at ``start``; the header switches to the table in one write
+        and the old one is freed. Returns where the free space after them
+        begins. (An interruption leaves the old structures in force.)"""
+        layout = self.layout
+        cs = layout.cluster_size
+        cbits = layout.cluster_bits
+        entries = layout.refblock_entries
+        total = self.blocks_needed((start >> cbits) + additional, generous=not exact)
+        area_index = (start >> cbits) // entries
+        size = total if exact else total + -(-total // 2)
+        size = -(-size // (cs // 8)) * (cs // 8)
+        if total > QCOW_MAX_REFTABLE_SIZE or size * 8 > QCOW_MAX_REFTABLE_SIZE:
+            import errno
+            from imagetools.errors import ImageIOError
+            raise ImageIOError("File too large", errno.EFBIG)
+        table_clusters = size * 8 // cs
+        table = array("Q", bytes(8 * size))
+        keep = min(len(self.table), size)
+        table[:keep] = self.table[:keep]
+        if new_index is not None:
+            table[new_index] = new_offset
+        missing = sum(1 for i in range(area_index, total) if not table[i] & REFT_OFFSET_MASK)
+        table_offset = start + missing * cs
+        end = table_offset + table_clusters * cs
+        block_offset = start
+        for i in range(area_index, total):
+            if table[i] & REFT_OFFSET_MASK:
+                blk = self.blocks.get(i) or self._load(i)
+            else:
+                blk = RefBlock(block_offset, self._new_block_values(), dirty=True)
+                self.blocks[i] = blk
+                table[i] = block_offset
+                block_offset += cs
+                if self.on_metadata is not None:
+                    self.on_metadata(blk.offset, "refcount block")
+            covered = i * entries * cs
+            if covered < end:
+                for k in range((start - covered) // cs if covered < start else 0,
+                               min((end - covered) // cs, entries)):
+                    blk.values[k] = 1
+                blk.dirty = True
+        self.write_blocks()
+        self.file.flush()
+        out = array("Q", table)
+        if struct.pack("=H", 1) != struct.pack(">H", 1):
+            out.byteswap()
+        self.file.pwrite(table_offset, out.tobytes())
+        self.file.flush()
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        if self.update_header is not None:
+            self.update_header(table_offset, table_clusters)
+        self.file.flush()
+        self.table = table
+        self.table_offset, self.table_clusters = table_offset, table_clusters
+        self.table_dirty.clear()
+        self._table_moved = False
+        if self.on_metadata is not None:
+            for k in range(table_clusters):
+                self.on_metadata(table_offset + k * cs, "refcount table")
+        if old_clusters:
+            self.change(old_offset >> cbits, old_clusters, -1)
+        return end
 
     def move_table(self) -> None:
         """Put the refcount table at the first free place (QEMU does this before

@@ -312,68 +312,9 @@ def _last_used_cluster(drv: "Qcow2Driver") -> int:
     return -1
 
 
-def _refcount_blocks_needed(clusters: int, cs: int, refcount_order: int) -> int:
-    """Refcount blocks for ``clusters`` plus the refcount structures themselves
-    (the fixed point of qcow2_refcount_metadata_size, exact size)."""
-    per_table_cluster = cs // 8
-    per_block = cs * 8 // (1 << refcount_order)
-    table = blocks = 0
-    n = 0
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table_cluster)
-        n = clusters + blocks + table
-        if n == last:
-            return blocks
-
-
 def refcount_area(drv: "Qcow2Driver", start: int, additional: int) -> int:
-    """QEMU's qcow2_refcount_area: refcount blocks for everything up to the
-    end of ``additional`` clusters past ``start`` and a new refcount table are
-    written at ``start``; returns where the free area begins after them."""
-    rc = drv.refcounts
-    layout = drv.layout
-    cs = drv.cluster_size
-    cbits = drv.cluster_bits
-    entries = layout.refblock_entries
-    total = _refcount_blocks_needed((start >> cbits) + additional, cs, layout.refcount_order)
-    area_index = (start >> cbits) // entries
-    table_size = -(-total // (cs // 8)) * (cs // 8)
-    table_clusters = table_size * 8 // cs
-    new_table = array("Q", bytes(8 * table_size))
-    keep = min(len(rc.table), table_size)
-    new_table[:keep] = rc.table[:keep]
-    missing = sum(1 for i in range(area_index, total) if not new_table[i] & REFT_OFFSET_MASK)
-    table_offset = start + missing * cs
-    end = table_offset + table_clusters * cs
-    block_offset = start
-    from imagetools.formats.qcow2.refcount import RefBlock
-    for i in range(area_index, total):
-        if new_table[i] & REFT_OFFSET_MASK:
-            blk = rc._load(i)
-        else:
-            blk = RefBlock(block_offset, rc._new_block_values(), dirty=True)
-            rc.blocks[i] = blk
-            new_table[i] = block_offset
-            block_offset += cs
-        covered = i * entries * cs
-        if covered < end:
-            j = (start - covered) // cs if covered < start else 0
-            for k in range(j, min((end - covered) // cs, entries)):
-                blk.values[k] = 1
-            blk.dirty = True
-    rc.write_blocks()
-    drv._sync()
-    drv.file.pwrite(table_offset, be64_bytes(new_table))
-    drv._sync()
-    old_offset, old_clusters = rc.table_offset, rc.table_clusters
-    drv._write_reftable_pointer(table_offset, table_clusters)
-    drv._sync()
-    rc.table = new_table
-    rc.table_offset, rc.table_clusters = table_offset, table_clusters
-    rc.table_dirty.clear()
-    rc.defer_free(old_offset // cs, old_clusters)
+    """QEMU's qcow2_refcount_area with an exact size (see Refcounts.area)."""
+    end = drv.refcounts.area(start, additional, exact=True)
     drv._meta_clusters = None
     drv.writeback()
     return end
