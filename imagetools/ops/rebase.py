@@ -1,0 +1,237 @@
+"""``qimg rebase``: change the backing file of an image (qemu-img rebase).
+
+    rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache]
+           [-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename
+
+Safe mode (qemu-img 7.2's algorithm): wherever the image does not allocate
+a range itself, the old and the new backing file are compared in 512-byte
+sectors, in 2 MiB steps, and every sector where they differ is copied from
+the old one into the image (as zeros where the old backing file has ended),
+so the guest sees the same data afterwards. If the new backing file is part
+of the current chain, only ranges allocated between the image and it can
+differ. Then the header names the new backing file (``-b ""``: none). ``-u``
+only rewrites the header and does not even open the old backing file.
+
+Killed at any point, the image shows the same data: the copies only write
+what the old backing file already showed, and the header changes last, in
+one write.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from imagetools.errors import ImageError, ImageIOError, ImageOpenError
+from imagetools.ops.args import Getopt, show_help, usage_error
+from imagetools.output import Reported
+
+LONG = [("help", 0, "h"), ("object", 1, "object"), ("image-opts", 0, "image-opts"),
+        ("force-share", 0, "U")]
+
+IO_BUF_SIZE = 2 << 20
+SECTOR = 512
+
+
+def main(argv: list[str]) -> int:
+    fmt = out_base = out_fmt = None
+    cache, src_cache = "writeback", "writeback"
+    unsafe = progress = quiet = force_share = image_opts = False
+    scan = Getopt(argv, ":hf:F:b:upt:T:qU", LONG)
+    for opt, arg in scan:
+        if opt == "h":
+            return show_help()
+        if opt == "f":
+            fmt = arg
+        elif opt == "F":
+            out_fmt = arg
+        elif opt == "b":
+            out_base = arg
+        elif opt == "u":
+            unsafe = True
+        elif opt == "p":
+            progress = True
+        elif opt == "t":
+            cache = arg
+        elif opt == "T":
+            src_cache = arg
+        elif opt == "q":
+            quiet = True
+        elif opt == "U":
+            force_share = True
+        elif opt == "image-opts":
+            image_opts = True
+    if quiet:
+        progress = False
+    rest = scan.operands
+    if len(rest) != 1:
+        raise usage_error("Expecting one image file name")
+    if not unsafe and out_base is None:
+        raise usage_error("Must specify backing file (-b) or use unsafe mode (-u)")
+    from imagetools.progress import Progress
+    meter = Progress(progress, 2.0)
+    meter.print(0.0, 100)
+    try:
+        _rebase(rest[0], fmt, out_base, out_fmt, unsafe=unsafe, cache=cache,
+                src_cache=src_cache, force_share=force_share, image_opts=image_opts,
+                progress=meter)
+    finally:
+        meter.end()
+    return 0
+
+
+def _rebase(filename: str, fmt: str | None, out_base: str | None, out_fmt: str | None, *,
+            unsafe: bool, cache: str, src_cache: str, force_share: bool, image_opts: bool,
+            progress) -> None:
+    from imagetools.ops.common import CACHE_MODES, known_format, open_image
+    if cache not in CACHE_MODES:
+        raise Reported(f"Invalid cache option: {cache}")
+    if src_cache not in CACHE_MODES:
+        raise Reported(f"Invalid source cache option: {src_cache}")
+    top = open_image(filename, fmt, read_only=False, image_opts=image_opts,
+                     open_backing=not unsafe, cache=cache)
+    new = None
+    try:
+        if out_fmt is not None and not known_format(out_fmt):
+            raise Reported(f"Invalid format name: '{out_fmt}'")
+        if not unsafe:
+            prefix, new = _new_backing(top, out_base, out_fmt, force_share)
+            copy_differences(top, prefix, new, progress)
+        _change(top, out_base, out_fmt)
+        progress.print(100.0, 0)
+    finally:
+        if new is not None:
+            new.close()
+        top.close()
+
+
+def _new_backing(top, out_base: str, out_fmt: str | None, force_share: bool):
+    """(prefix, opened): the new backing file if it is in the current chain
+    (``prefix``, depth counted from the image), else opened read-only."""
+    if not out_base:
+        return None, None
+    from imagetools.image import open_image, resolve_backing_path
+    from imagetools.ops.commit import find_in_chain
+    real = resolve_backing_path(top.filename, out_base)
+    parent = find_in_chain(top, real)
+    if parent is not None:
+        depth = 1
+        node = top
+        while node is not parent:
+            node = node.backing
+            depth += 1
+        return (depth, parent.backing), None
+    try:
+        return None, open_image(real, out_fmt, read_only=True, force_share=force_share)
+    except ImageError as err:
+        reason = err.reason if isinstance(err, ImageOpenError) else str(err)
+        raise Reported(f"Could not open new backing file '{out_base}': {reason}") from None
+
+
+def copy_differences(top, prefix, new, progress=None) -> None:
+    """Copy into ``top`` every sector its backing file shows differently from
+    the new one, where ``top`` itself does not allocate (qemu-img's loop)."""
+    old = top.backing
+    size = top.size
+    old_size = old.size if old is not None else 0
+    target = prefix[1] if prefix is not None else new
+    new_size = target.size if target is not None else 0
+    step = 100.0 / (size // min(size, IO_BUF_SIZE)) if size else 0.0
+    offset = 0
+    while offset < size:
+        n = min(IO_BUF_SIZE, size - offset)
+        allocated, n = _run(top, offset, n, lambda e: e.depth == 0 and e.present)
+        if allocated:
+            offset += n
+            continue
+        if prefix is not None:
+            depth = prefix[0]
+            above, n = _run(top, offset, n, lambda e: 0 < e.depth < depth and e.present)
+            if not above:
+                offset += n
+                continue
+        old_is_zero = offset >= old_size
+        if old_is_zero:
+            buf_old = bytes(n)
+        else:
+            n = min(n, old_size - offset)
+            buf_old = old.read(offset, n)
+        if target is None or offset >= new_size:
+            buf_new = bytes(n)
+        else:
+            n = min(n, new_size - offset)
+            buf_new = target.read(offset, n)
+            buf_old = buf_old[:n]
+        _write_differences(top, offset, buf_old, buf_new, old_is_zero)
+        if progress is not None:
+            progress.print(step, 100)
+        offset += n
+
+
+def _run(top, offset: int, length: int, test) -> tuple[bool, int]:
+    """(answer, bytes): how far from ``offset`` ``test`` of the block status
+    stays the same -- as QEMU asks a qcow2 image, at most to the end of one L2
+    table."""
+    from imagetools.ops.common import l2_span
+    span = l2_span(top)
+    end = offset + length
+    if span:
+        end = min(end, (offset // span + 1) * span)
+    answer = None
+    pos = end
+    for ext in top.block_status(offset, end - offset):
+        value = bool(test(ext))
+        if answer is None:
+            answer = value
+        elif value != answer:
+            pos = ext.start
+            break
+    return bool(answer), pos - offset
+
+
+def _write_differences(top, offset: int, old: bytes, new: bytes, old_is_zero: bool) -> None:
+    """qemu-img's compare_buffers walk: runs of 512-byte sectors that differ
+    (or not); differing runs are written (zeros where the old one ended)."""
+    n = len(old)
+    pos = 0
+    while pos < n:
+        first = min(SECTOR, n - pos)
+        differ = old[pos:pos + first] != new[pos:pos + first]
+        end = pos + first
+        while end < n:
+            nxt = min(end + SECTOR, n)
+            if (old[end:nxt] != new[end:nxt]) != differ:
+                break
+            end = nxt
+        if differ:
+            if old_is_zero:
+                top.write_zeroes(offset + pos, end - pos)
+            else:
+                top.write(offset + pos, old[pos:end])
+        pos = end
+
+
+def _change(top, out_base: str | None, out_fmt: str | None) -> None:
+    """Record the new backing file, with qemu-img's messages."""
+    name = out_base or None
+    try:
+        if name is not None and not out_fmt:
+            raise ImageIOError("Invalid argument", errno.EINVAL)
+        top.change_backing_file(name, out_fmt if name else None)
+    except ImageIOError as err:
+        if err.errno == errno.ENOSPC:
+            reason = "No space left in the file header"
+        elif err.errno == errno.EINVAL and out_base is not None and not out_fmt:
+            reason = "backing format must be specified"
+        else:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+        raise Reported(f"Could not change the backing file to '{_c_str(out_base)}': "
+                       f"{reason}") from None
+    except ImageError as err:
+        raise Reported(f"Could not change the backing file to '{_c_str(out_base)}': "
+                       f"{err}") from None
+
+
+def _c_str(text: str | None) -> str:
+    """What printf("%s") shows for the name (glibc prints a NULL as "(null)")."""
+    return "(null)" if text is None else text
