@@ -275,6 +275,10 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         from imagetools.formats.qcow2 import snapshot_ops
         snapshot_ops.delete(self, snapshot_id, name)
 
+    def amend(self, options, *, force: bool = False, progress=None) -> None:
+        from imagetools.formats.qcow2.amend import amend
+        amend(self, options, force=force, progress=progress)
+
     def make_empty(self) -> None:
         from imagetools.formats.qcow2.empty import make_empty
         make_empty(self)
