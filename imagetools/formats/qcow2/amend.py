@@ -240,6 +240,7 @@ def _expand_in_l1(drv: "Qcow2Driver", l1, snapshot, visited: list[int], total: i
                 table = None
                 values = read_be64_array(drv.file, l2_offset, layout.l2_entries)
             dirty = False
+            replaced: list[int] = []
             for j in range(layout.l2_entries):
                 entry = values[j]
                 type_ = layout.cluster_type(entry)
@@ -254,7 +255,7 @@ def _expand_in_l1(drv: "Qcow2Driver", l1, snapshot, visited: list[int], total: i
                     # QEMU zeroes a preallocated cluster in place even when a
                     # snapshot still reads data from it; qimg takes a new one
                     if type_ == ZERO_ALLOC:
-                        rc.defer_free(host >> drv.cluster_bits, 1)
+                        replaced.append(host)         # freed once no table points at it
                     host = rc.allocate(1) * cs
                     if shared > 1:
                         rc.change(host >> drv.cluster_bits, 1, shared - 1)
@@ -272,6 +273,9 @@ def _expand_in_l1(drv: "Qcow2Driver", l1, snapshot, visited: list[int], total: i
                     drv.writeback()
                     drv.file.pwrite(l2_offset, be64_bytes(values))
                     drv._sync()
+                for host in replaced:
+                    rc.defer_free(host >> drv.cluster_bits, 1)
+                drv.writeback()
         visited[0] += 1
         progress(visited[0], total)
 

@@ -229,11 +229,16 @@ def _prealloc_metadata(drv: "Qcow2Driver", old: int, size: int, mode: str) -> No
             if fill:
                 drv.writeback()
                 (drv.data_file or drv.file).pwrite(base << cbits, fill)
+            host_end = max(host_end, ((todo[-1] if drv.data_file is not None else
+                                       base + len(todo) - 1) + 1) * cs)
+            target = drv.data_file or drv.file
+            if host_end > target.length():
+                # the file covers the clusters before any table points at them
+                # (QEMU extends it only at the end; check calls that corrupt)
+                target.truncate(host_end)
             for k, c in enumerate(todo):
                 host = (c if drv.data_file is not None else base + k) << cbits
                 drv._set_entry(table, c & mask, host | QCOW_OFLAG_COPIED, 0)
-            host_end = max(host_end, ((todo[-1] if drv.data_file is not None else
-                                       base + len(todo) - 1) + 1) * cs)
         drv.writeback()
         ci = stop
     target = drv.data_file or drv.file
