@@ -137,6 +137,7 @@ def copy_differences(top, prefix, new, progress=None) -> None:
     target = prefix[1] if prefix is not None else new
     new_size = target.size if target is not None else 0
     step = 100.0 / (size // min(size, IO_BUF_SIZE)) if size else 0.0
+    old_buf, new_buf = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
     offset = 0
     while offset < size:
         n = min(IO_BUF_SIZE, size - offset)
@@ -151,17 +152,20 @@ def copy_differences(top, prefix, new, progress=None) -> None:
                 offset += n
                 continue
         old_is_zero = offset >= old_size
-        if old_is_zero:
-            buf_old = bytes(n)
-        else:
+        if not old_is_zero:
             n = min(n, old_size - offset)
-            buf_old = old.read(offset, n)
-        if target is None or offset >= new_size:
-            buf_new = bytes(n)
-        else:
+        if target is not None and offset < new_size:
             n = min(n, new_size - offset)
-            buf_new = target.read(offset, n)
-            buf_old = buf_old[:n]
+        buf_old = memoryview(old_buf)[:n]
+        buf_new = memoryview(new_buf)[:n]
+        if old_is_zero:
+            buf_old[:] = bytes(n)
+        else:
+            old.read_into(offset, buf_old)
+        if target is None or offset >= new_size:
+            buf_new[:] = bytes(n)
+        else:
+            target.read_into(offset, buf_new)
         _write_differences(top, offset, buf_old, buf_new, old_is_zero)
         if progress is not None:
             progress.print(step, 100)
@@ -190,25 +194,41 @@ def _run(top, offset: int, length: int, test) -> tuple[bool, int]:
 
 
 def _write_differences(top, offset: int, old: bytes, new: bytes, old_is_zero: bool) -> None:
-    """qemu-img's compare_buffers walk: runs of 512-byte sectors that differ
-    (or not); differing runs are written (zeros where the old one ended)."""
+    """qemu-img's compare_buffers walk: maximal runs of 512-byte sectors that
+    differ are written (zeros where the old backing file ended)."""
+    for start, end in diff_runs(old, new):
+        if old_is_zero:
+            top.write_zeroes(offset + start, end - start)
+        else:
+            top.write(offset + start, bytes(old[start:end]))
+
+
+def diff_runs(old: bytes, new: bytes, block: int = 64 << 10) -> list[tuple[int, int]]:
+    """Maximal runs of 512-byte sectors (counted from the start) where the
+    buffers differ; equal 64 KiB blocks are skipped with one comparison."""
+    a, b = old.obj if isinstance(old, memoryview) else old, \
+        new.obj if isinstance(new, memoryview) else new
     n = len(old)
+    if len(a) != n:                        # a view of the front of a bigger buffer
+        a, b = a[:n], b[:n]
+    runs: list[list[int]] = []
+    if a == b:
+        return []
     pos = 0
     while pos < n:
-        first = min(SECTOR, n - pos)
-        differ = old[pos:pos + first] != new[pos:pos + first]
-        end = pos + first
-        while end < n:
-            nxt = min(end + SECTOR, n)
-            if (old[end:nxt] != new[end:nxt]) != differ:
-                break
-            end = nxt
-        if differ:
-            if old_is_zero:
-                top.write_zeroes(offset + pos, end - pos)
-            else:
-                top.write(offset + pos, old[pos:end])
+        end = min(n, pos + block)
+        if a[pos:end] != b[pos:end]:
+            sector = pos
+            while sector < end:
+                stop = min(end, sector + SECTOR)
+                if a[sector:stop] != b[sector:stop]:
+                    if runs and runs[-1][1] == sector:
+                        runs[-1][1] = stop
+                    else:
+                        runs.append([sector, stop])
+                sector = stop
         pos = end
+    return [(s, e) for s, e in runs]
 
 
 def _change(top, out_base: str | None, out_fmt: str | None) -> None:

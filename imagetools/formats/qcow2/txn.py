@@ -149,6 +149,7 @@ class Txn:
         cbits = self.cbits
         has_data_file = self.drv.data_file is not None
         step = layout.l2_entry_words
+        odd = QCOW_OFLAG_COMPRESSED | (self.cs - 1) & L2E_OFFSET_MASK
         for l1_entry in l1_values:
             l2_offset = l1_entry & L1E_OFFSET_MASK
             if not l2_offset:
@@ -156,19 +157,37 @@ class Txn:
             self.add(l2_offset >> cbits, delta)
             words = self.l2_values(l2_offset)
             entries = words[::step] if step > 1 else words
-            for entry in entries:
-                if not entry:
-                    continue
+            special = [e for e in entries if e & odd]
+            for entry in special:
                 if entry & QCOW_OFLAG_COMPRESSED:
                     coffset, nbytes = layout.compressed_range(entry)
                     self.add_bytes(coffset, nbytes, delta)
-                    continue
-                host = entry & L2E_OFFSET_MASK
-                if not host or has_data_file:
-                    continue
-                if host & (self.cs - 1):
-                    raise CorruptImageError(f"Cluster allocation offset {host:#x} unaligned")
-                self.add(host >> cbits, delta)
+                elif not has_data_file:
+                    raise CorruptImageError(f"Cluster allocation offset "
+                                            f"{entry & L2E_OFFSET_MASK:#x} unaligned")
+            if has_data_file:
+                continue
+            hosts = [(e & L2E_OFFSET_MASK) >> cbits for e in entries
+                     if e & L2E_OFFSET_MASK and not e & odd]
+            self._add_many(hosts, delta)
+
+    def _add_many(self, clusters: list[int], delta: int) -> None:
+        """``add`` for many clusters (the common case of add_paths, kept lean)."""
+        if not clusters:
+            return
+        counts = self.counts
+        top = max(clusters)
+        if top >= len(counts):
+            self.add(top, 0)
+        limit = self.layout.refcount_max
+        for c in clusters:
+            counts[c] += delta if 0 <= counts[c] + delta <= limit else \
+                self._bad(c, counts[c] + delta)
+
+    def _bad(self, cluster: int, value: int) -> int:
+        if value < 0:
+            raise CorruptImageError(f"Refcount underflow at cluster {cluster:#x}")
+        raise ImageIOError("Invalid argument", errno.EINVAL)   # as QEMU's update_refcount
 
     # -- snapshots -------------------------------------------------------------------
 
@@ -189,12 +208,14 @@ class Txn:
     def fix_active_copied(self) -> None:
         """Set QCOW_OFLAG_COPIED in the active L2 tables exactly where the new
         refcount of the data cluster is 1 (QEMU's rule; compressed never)."""
-        layout = self.layout
-        step = layout.l2_entry_words
+        step = self.layout.l2_entry_words
         counts = self.counts
         n = len(counts)
         cbits = self.cbits
         data_file = self.drv.data_file is not None
+        copied = QCOW_OFLAG_COPIED
+        mask = L2E_OFFSET_MASK
+        compressed = QCOW_OFLAG_COMPRESSED
         seen: set[int] = set()
         for l1_entry in self.l1:
             l2_offset = l1_entry & L1E_OFFSET_MASK
@@ -202,27 +223,22 @@ class Txn:
                 continue
             seen.add(l2_offset)
             words = self.l2_values(l2_offset)
-            new = None
-            for i in range(0, len(words), step):
-                entry = words[i]
-                if not entry or entry & QCOW_OFLAG_COMPRESSED:
-                    continue
-                host = entry & L2E_OFFSET_MASK
-                if data_file:
-                    if not host and not entry & QCOW_OFLAG_COPIED:
-                        continue
-                    one = True
-                else:
-                    if not host:
-                        continue
-                    c = host >> cbits
-                    one = c < n and counts[c] == 1
-                if one != bool(entry & QCOW_OFLAG_COPIED):
-                    if new is None:
-                        new = array("Q", words)
-                    new[i] = (entry | QCOW_OFLAG_COPIED) if one else (entry & ~QCOW_OFLAG_COPIED)
-            if new is not None:
-                self.l2[l2_offset] = new
+            entries = words[::step] if step > 1 else words
+            if data_file:
+                want = [e | copied if (e & mask or e & copied) and not e & compressed else e
+                        for e in entries]
+            else:
+                want = [e if not e & mask or e & compressed else
+                        (e | copied) if (e & mask) >> cbits < n and counts[(e & mask) >> cbits] == 1
+                        else (e & ~copied) for e in entries]
+            new = array("Q", want)
+            if new == entries:
+                continue
+            if step > 1:
+                full = array("Q", words)
+                full[::step] = new
+                new = full
+            self.l2[l2_offset] = new
 
     # -- committing ----------------------------------------------------------------
 
