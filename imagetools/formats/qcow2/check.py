@@ -341,7 +341,8 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     for i, entry in enumerate(words):
         if not entry:
             continue
-        if entry & odd:
+        if entry & odd or (counter.fix and entry & L2E_OFFSET_MASK & csmask):
+            # the slow path (it may repair the entry)
             state[0] = next_contiguous
             res.allocated_clusters += allocated
             res.fragmented_clusters += fragmented
@@ -354,16 +355,6 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
         offset = entry & L2E_OFFSET_MASK
         if not offset:
             continue                  # zero cluster or unallocated
-        if offset & csmask and counter.fix:
-            state[0] = next_contiguous
-            res.allocated_clusters += allocated
-            res.fragmented_clusters += fragmented
-            allocated = fragmented = 0
-            _check_l2_entry(drv, res, counter, i, entry, 0, active, 1, state)
-            next_contiguous = state[0]
-            counts = counter.counts
-            ncount = len(counts)
-            continue
         if active:
             allocated += 1
             if next_contiguous and offset != next_contiguous:

@@ -337,25 +337,24 @@ class Refcounts:
             else:
                 self._grow_table_for(home, cluster)
             return
-        values = self._new_block_values()
-        blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
-        if home == index:
-            values[cluster & (self.layout.refblock_entries - 1)] = 1
-        else:
-            self.change(cluster, 1, 1)
-        self._hook_block(index, blk)
-
-    def _hook_block(self, index: int, blk: RefBlock) -> None:
-        self.blocks[index] = blk
-        if self.on_metadata is not None:
-            self.on_metadata(blk.offset, "refcount block")
+        blk = self._new_block(index, cluster)
         self.table[index] = blk.offset
         self.table_dirty.add(index)
 
-    def _create_block(self, index: int) -> None:
-        """Make sure refcount block ``index`` exists (callers outside the allocator)."""
-        while not self.block_offset(index) and index not in self.blocks:
-            self._alloc_block(index)
+    def _new_block(self, index: int, cluster: int) -> RefBlock:
+        """Refcount block ``index`` stored in ``cluster`` (counting itself there
+        when the cluster is in its own range, else counted by the block that
+        covers it), in memory and dirty."""
+        values = self._new_block_values()
+        blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
+        if cluster >> self.layout.refblock_bits == index:
+            values[cluster & (self.layout.refblock_entries - 1)] = 1
+        else:
+            self.change(cluster, 1, 1)
+        self.blocks[index] = blk
+        if self.on_metadata is not None:
+            self.on_metadata(blk.offset, "refcount block")
+        return blk
 
     def _grow_table_for(self, index: int, cluster: int) -> None:
         """The table has no entry ``index``: block ``index`` goes to ``cluster``
@@ -366,15 +365,7 @@ class Refcounts:
         if home != index and (home >= len(self.table) or not self.block_offset(home)) \
                 and home not in self.blocks:
             index = home                      # QEMU makes that block first
-        values = self._new_block_values()
-        blk = RefBlock(cluster * self.layout.cluster_size, values, dirty=True)
-        if home == index:
-            values[cluster & (self.layout.refblock_entries - 1)] = 1
-        else:
-            self.change(cluster, 1, 1)
-        self.blocks[index] = blk
-        if self.on_metadata is not None:
-            self.on_metadata(blk.offset, "refcount block")
+        blk = self._new_block(index, cluster)
         used = max(index + 1, home + 1)
         self.area(used * self.layout.refblock_entries * self.layout.cluster_size, 0,
                   exact=False, new_index=index, new_offset=blk.offset)
