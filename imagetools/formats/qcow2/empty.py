@@ -8,8 +8,9 @@ overwriting its refcount structures; here every write leaves a consistent
 image instead: the L1 table is zeroed first (everything it referenced is
 then only leaked), the refcount block is rewritten to count the remaining
 metadata, the other refcount blocks leave the table, and the file is cut.
-That needs the structures to be at QEMU's places already (every image
-``create`` makes is); other images take the general way.
+Structures found elsewhere (after a snapshot transaction, for instance) are
+first switched to a temporary empty image past the end of the file, then to
+the final layout, so clusters 1 and up are never written while in use.
 
 The general way (QEMU's too for v2 images, snapshots and data files)
 discards every cluster of the active tables, one L2 table at a time; like
@@ -40,6 +41,8 @@ def make_empty(drv: "Qcow2Driver") -> None:
               and 3 + l1_clusters <= drv.layout.refblock_entries)
     if simple and _canonical_layout(drv):
         _reset(drv, l1_clusters)
+    elif simple and _relocate(drv, l1_clusters):
+        pass
     else:
         _discard_everything(drv)
 
@@ -74,6 +77,42 @@ def _reset(drv: "Qcow2Driver", l1_clusters: int) -> None:
     file.truncate((3 + l1_clusters) * cs)
     drv._sync()
     drv._reload_metadata()
+
+
+def _relocate(drv: "Qcow2Driver", l1_clusters: int) -> bool:
+    """QEMU's layout for an image whose structures are elsewhere (after a
+    snapshot transaction, a grown table, ...), in two switches: first to a
+    temporary empty image past the end of the file, then -- with clusters 1
+    and up now unused -- to the final one. False if that cannot be done in
+    the first refcount block's range (the general way is taken then)."""
+    file = drv.file
+    cs = drv.cluster_size
+    rc = drv.refcounts
+    entries = drv.layout.refblock_entries
+    final = 3 + l1_clusters
+    temp = max(final, -(-file.length() // cs))
+    if temp + 2 + l1_clusters > entries:
+        return False
+    if len(drv.l1):
+        file.pwrite(drv.l1.offset, bytes(8 * len(drv.l1)))     # everything is leaked now
+        drv._sync()
+    for table_at, block_at, l1_at, counted in (
+            (temp, temp + 1, temp + 2, [0] + list(range(temp, temp + 2 + l1_clusters))),
+            (1, 2, 3, list(range(final)))):
+        values = rc._new_block_values()
+        for cluster in counted:
+            values[cluster] = 1
+        if len(drv.l1):
+            file.pwrite(l1_at * cs, bytes(8 * len(drv.l1)))
+        file.pwrite(block_at * cs, rc._encode(values))
+        file.pwrite(table_at * cs, struct.pack(">Q", block_at * cs).ljust(cs, b"\0"))
+        drv._sync()
+        file.pwrite(40, struct.pack(">QQI", l1_at * cs if len(drv.l1) else 0, table_at * cs, 1))
+        drv._sync()
+    file.truncate(final * cs)
+    drv._sync()
+    drv._reload_metadata()
+    return True
 
 
 def _discard_everything(drv: "Qcow2Driver") -> None:

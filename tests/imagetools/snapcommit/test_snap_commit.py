@@ -164,3 +164,17 @@ def test_commit_layout_like_qemu_img(pair):
                "write -P 0xcc 6M 4k", backing=("base.qcow2", "qcow2"))
     pair.same("commit", "top.qcow2")
     _images_agree(pair, "top.qcow2", "base.qcow2")
+
+
+def test_commit_resets_a_rearranged_overlay(pair):
+    """After snapshot transactions moved its tables, the emptied overlay still
+    ends up in QEMU's four-cluster layout."""
+    pair.setup("image", "b.qcow2", "qcow2", "64M", "write -P 1 0 1M")
+    pair.setup("image", "t.qcow2", "qcow2", "64M", "write -P 2 512k 1M",
+               backing=("b.qcow2", "qcow2"))
+    for side, tool in ((pair.ref, pair.ref.ref), (pair.ours, pair.ours.ours)):
+        assert tool("snapshot", "-c", "s", "t.qcow2").rc == 0
+        assert tool("snapshot", "-d", "s", "t.qcow2").rc == 0
+    pair.same("commit", "t.qcow2")
+    _images_agree(pair, "t.qcow2", "b.qcow2")
+    assert pair.ref.path("t.qcow2").stat().st_size == pair.ours.path("t.qcow2").stat().st_size
