@@ -217,16 +217,16 @@ def diff_runs(old: bytes, new: bytes, block: int = 64 << 10) -> list[tuple[int, 
     pos = 0
     while pos < n:
         end = min(n, pos + block)
-        if a[pos:end] != b[pos:end]:
-            sector = pos
-            while sector < end:
-                stop = min(end, sector + SECTOR)
-                if a[sector:stop] != b[sector:stop]:
+        blk_a, blk_b = a[pos:end], b[pos:end]
+        if blk_a != blk_b:
+            for k in range(0, end - pos, SECTOR):
+                if blk_a[k:k + SECTOR] != blk_b[k:k + SECTOR]:
+                    sector = pos + k
+                    stop = min(end, sector + SECTOR)
                     if runs and runs[-1][1] == sector:
                         runs[-1][1] = stop
                     else:
                         runs.append([sector, stop])
-                sector = stop
         pos = end
     return [(s, e) for s, e in runs]
 
