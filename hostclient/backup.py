@@ -139,6 +139,16 @@ class _Job:
         backup_id, self.directory = new_backup_dir(self.cfg.target_dir)
         self.manifest = Manifest(backup_id=backup_id, mode=mode, started=now_iso(), source=source)
 
+    def discard(self) -> None:
+        """Undo start() when nothing else was done: no directory, no manifest."""
+        if self.directory is not None:
+            try:
+                self.directory.rmdir()
+            except OSError as exc:
+                log.warning("cannot remove the empty backup directory %s: %s", self.directory, exc)
+        self.directory = None
+        self.manifest = None
+
     def copy_and_verify(self, disk_name: str, source: str, source_format: str, node: str | None,
                         device: str | None, index: int, count: int) -> DiskRecord:
         assert self.directory is not None
@@ -232,7 +242,11 @@ class RunningBackup(_Job):
             self.cancel.check()
             self.start("running", {"qmp": self.cfg.qmp, "agent": self.cfg.agent})
             self.manifest.warnings += [f"skipped disk {s}" for s in skipped]
-            self.overlays = self._plan_overlays(disks)
+            try:
+                self.overlays = self._plan_overlays(disks)
+            except BaseException:
+                self.discard()          # nothing was done yet: leave no trace
+                raise
             return self._backup()
         except Interrupted:
             self.interrupted = True
@@ -252,7 +266,7 @@ class RunningBackup(_Job):
                 names = _unique_names([o.disk.name for o in self.overlays])
                 for i, (o, name) in enumerate(zip(self.overlays, names), 1):
                     self.manifest.disks.append(self.copy_and_verify(
-                        name, o.disk.filename, o.disk.format, o.disk.node,
+                        name, o.disk.path, o.disk.format, o.disk.node,
                         o.disk.device or o.disk.qdev, i, len(self.overlays)))
                 complete = True
             except Interrupted:
@@ -337,14 +351,17 @@ class RunningBackup(_Job):
     # ------------------------------------------- freeze, snapshot, thaw
 
     def _plan_overlays(self, disks: list[BlockDisk]) -> list[Overlay]:
+        """Where QEMU creates each overlay: always an absolute path, since
+        QEMU would resolve a relative one against its own working directory."""
         token = secrets.token_hex(3)
         overlays = []
         for i, disk in enumerate(disks):
             where = self.cfg.overlay_dir
             if where is None:
-                where = Path(disk.filename).parent if _is_regular(disk.filename) else self.directory
-            path = Path(where) / f"{Path(disk.filename).name}.quiesce-{self.manifest.backup_id}-{i}.qcow2"
-            if path.exists():
+                where = Path(disk.path).parent if _is_regular(disk.path) else self.directory
+            name = f"{Path(disk.path).name}.quiesce-{self.manifest.backup_id}-{i}.qcow2"
+            path = Path(os.path.abspath(where)) / name
+            if os.path.lexists(path):
                 raise BackupError(f"overlay {path} already exists; remove it if no VM uses it")
             overlays.append(Overlay(disk, str(path), f"quiesce-{token}-{i}"))
         return overlays
@@ -445,7 +462,7 @@ class RunningBackup(_Job):
             try:
                 if top_node(self.mon, o.disk) == o.node:
                     self.attached.append(o)
-                elif os.path.exists(o.path) and not nodes_using(self.mon, o.path):
+                elif os.path.exists(o.path) and not nodes_using(self.mon, o.file_in_qemu):
                     os.unlink(o.path)
             except (QmpError, OSError) as exc:
                 self.error("snapshot-cleanup", "qmp", exc, o.disk.name)
@@ -466,7 +483,7 @@ class RunningBackup(_Job):
                 continue
             self.attached.remove(o)
             try:
-                if not nodes_using(self.mon, o.path):
+                if not nodes_using(self.mon, o.file_in_qemu):
                     os.unlink(o.path)
             except (QmpError, OSError) as exc:
                 self.error("delete-overlay", "host", exc, o.disk.name)
@@ -478,7 +495,7 @@ class RunningBackup(_Job):
         self.manifest.recovery.append(
             f"disk {o.disk.name} still runs on overlay {o.path} (node {o.node}); the guest is "
             f"fine, but fix the cause above and then run `quiesce recover --qmp {self.cfg.qmp}` "
-            f"to commit it back into {o.disk.filename} and remove the overlay")
+            f"to commit it back into {o.disk.path} and remove the overlay")
 
 
 def _is_regular(path: str) -> bool:

@@ -8,8 +8,10 @@ error tree with per-call timeouts.
 
 On top of it, the three block operations a backup needs:
 
-* :func:`list_disks` — the guest's writable qcow2/raw disks on host files
-  or block devices, from ``query-block`` (one entry per drive);
+* :func:`list_disks` — the guest's drives from ``query-block`` (one entry
+  per drive), each with the host path of its image: QEMU reports names as
+  it was given them, relative ones relative to its own working directory,
+  and :mod:`hostclient.qemuhost` finds the file QEMU really has open;
 * :func:`snapshot` — one ``transaction`` of ``blockdev-snapshot-sync``
   actions, so all disks are cut at the same instant or none is;
 * :func:`commit_back` — live ``block-commit`` of an overlay into its base:
@@ -22,17 +24,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from hostclient.errors import (
+    BackupError,
     BlockJobError,
     QmpCommandError,
     QmpError,
     QmpTimeout,
     QmpUnavailable,
 )
+from hostclient.qemuhost import QemuProcess, peer_pid
 
 log = logging.getLogger("quiesce.qmp")
 
@@ -52,6 +57,8 @@ class Monitor:
         self._client: Any = None
         self._events: Any = None
         self._backlog: list[dict[str, Any]] = []
+        #: pid of the QEMU serving the socket (SO_PEERCRED), None if unknown
+        self.peer_pid: int | None = None
 
     # ------------------------------------------------------- connection
 
@@ -65,8 +72,9 @@ class Monitor:
         self._client = QMPClient("quiesce")
         self._events = EventListener()
         self._client.register_listener(self._events)
+        sock = self._open_socket(timeout or self.timeout)
         try:
-            self._run(self._client.connect(self.path), timeout or self.timeout, "connect")
+            self._run(self._client.connect(sock), timeout or self.timeout, "connect")
         except QmpTimeout:
             self.close()
             raise QmpUnavailable(f"QEMU sent no QMP greeting on {self.path} within "
@@ -77,8 +85,28 @@ class Monitor:
             raise
         except Exception as exc:
             self.close()
+            sock.close()
             raise QmpUnavailable(f"cannot connect to QMP socket {self.path}: {_reason(exc)}") from None
         return self
+
+    def _open_socket(self, timeout: float) -> socket.socket:
+        """Connect the unix socket ourselves, to learn QEMU's pid from it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            self.close()
+            raise QmpUnavailable(f"cannot connect to QMP socket {self.path}: "
+                                 f"{exc.strerror or exc}") from None
+        sock.setblocking(False)
+        self.peer_pid = peer_pid(sock)
+        return sock
+
+    def process(self) -> QemuProcess:
+        """What this host sees of the QEMU behind the socket, as of now."""
+        return QemuProcess.inspect(self.peer_pid)
 
     def close(self) -> None:
         if self._loop is None:
@@ -187,10 +215,12 @@ class BlockDisk:
     qdev: str             # the guest device's QOM path
     node: str             # the top (format) node's name
     format: str           # qcow2 | raw | ...
-    filename: str         # the image file (or block device) behind the top node
+    filename: str         # the image file (or block device) behind the top node, as QEMU names it
     virtual_size: int
     read_only: bool
     backing_file: str | None
+    path: str = ""        # that file's host path ("" when unknown: see path_problem)
+    path_problem: str | None = None
 
     @property
     def target(self) -> dict[str, str]:
@@ -211,6 +241,7 @@ def safe_name(name: str) -> str:
 def list_disks(mon: Monitor) -> list[BlockDisk]:
     """Every drive with a medium, with its top node and image file."""
     disks = []
+    qemu = mon.process()
     for entry in mon.execute("query-block"):
         inserted = entry.get("inserted")
         if not inserted:
@@ -219,14 +250,27 @@ def list_disks(mon: Monitor) -> list[BlockDisk]:
         image = inserted.get("image", {})
         qdev = entry.get("qdev", "")
         device = entry.get("device", "")
-        name = _qdev_id(qdev) or device or node
+        name = safe_name(_qdev_id(qdev) or device or node)
+        filename = inserted.get("file", "")
+        path, problem = host_path(qemu, filename, name)
         disks.append(BlockDisk(
-            name=safe_name(name), device=device, qdev=qdev, node=node,
-            format=inserted.get("drv", ""), filename=inserted.get("file", ""),
+            name=name, device=device, qdev=qdev, node=node,
+            format=inserted.get("drv", ""), filename=filename,
             virtual_size=int(image.get("virtual-size", 0)), read_only=bool(inserted.get("ro")),
             backing_file=inserted.get("backing_file") or image.get("backing-filename"),
+            path=path, path_problem=problem,
         ))
     return disks
+
+
+def host_path(qemu: QemuProcess, filename: str, disk: str) -> tuple[str, str | None]:
+    """(host path, "") or ("", why not) for an image name QEMU reports."""
+    if not filename or filename.startswith("json:"):
+        return "", f"its image is not a plain file ({filename[:60]})"
+    try:
+        return qemu.resolve(filename, disk), None
+    except BackupError as exc:
+        return "", str(exc)
 
 
 def file_protocol(mon: Monitor, disk: BlockDisk) -> str | None:
@@ -244,7 +288,6 @@ def choose_disks(mon: Monitor, wanted: Iterable[str] = ()) -> tuple[list[BlockDi
     block device. With it: exactly those drives (by node name, drive name,
     qdev id or our name), and an error for any that cannot be backed up.
     """
-    from hostclient.errors import BackupError
     disks = list_disks(mon)
     wanted = list(wanted)
     skipped: list[str] = []
@@ -261,14 +304,32 @@ def choose_disks(mon: Monitor, wanted: Iterable[str] = ()) -> tuple[list[BlockDi
                 raise BackupError(f"disk {want!r} cannot be backed up: {reason}")
             if disk not in chosen:
                 chosen.append(disk)
-        return chosen, skipped
-    for disk in disks:
-        reason = _unsuitable(mon, disk)
-        if reason:
-            skipped.append(f"{disk.name}: {reason}")
-        else:
-            chosen.append(disk)
+    else:
+        for disk in disks:
+            reason = _unsuitable(mon, disk)
+            if reason:
+                skipped.append(f"{disk.name}: {reason}")
+            else:
+                chosen.append(disk)
+    _check_paths(chosen)
     return chosen, skipped
+
+
+def _check_paths(chosen: list[BlockDisk]) -> None:
+    """Every chosen disk has a host path we are sure of, each a different file.
+
+    A disk we would back up but cannot locate with certainty stops the
+    backup (skipping it would make a partial backup look complete).
+    """
+    from hostclient.qemuhost import same_file
+    for disk in chosen:
+        if disk.path_problem:
+            raise BackupError(disk.path_problem)
+    for i, disk in enumerate(chosen):
+        for other in chosen[i + 1:]:
+            if same_file(disk.path, other.path):
+                raise BackupError(f"disks {disk.name} and {other.name} resolve to the same file "
+                                  f"{disk.path}; refusing to guess which is which")
 
 
 def _unsuitable(mon: Monitor, disk: BlockDisk) -> str | None:
@@ -294,8 +355,13 @@ class Overlay:
     """The overlay a snapshot put on top of a disk."""
 
     disk: BlockDisk
-    path: str
+    path: str                       # host path of the overlay file ("" if unknown)
     node: str
+    qemu_file: str | None = None    # QEMU's name for it, when not ``path``
+
+    @property
+    def file_in_qemu(self) -> str:
+        return self.qemu_file if self.qemu_file is not None else self.path
 
 
 def snapshot(mon: Monitor, overlays: list[Overlay], timeout: float) -> None:

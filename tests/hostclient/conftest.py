@@ -103,12 +103,14 @@ class PausedVM:
         self.images[name] = path
         return path
 
-    def start(self, args: list[str]) -> None:
+    def start(self, args: list[str], *, cwd: Path | None = None) -> None:
+        """Start QEMU with ``args`` (in ``cwd``: relative image names are
+        relative to QEMU's working directory)."""
         cmd = [self.qemu, "-machine", "q35", "-accel", "tcg", "-S", "-nodefaults",
                "-display", "none", "-qmp", f"unix:{self.qmp},server=on,wait=off",
                "-qmp", f"unix:{self.qmp2},server=on,wait=off", *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, cwd=cwd)
         deadline = time.monotonic() + 10
         while not (os.path.exists(self.qmp) and os.path.exists(self.qmp2)):
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -428,3 +428,31 @@ def test_config_errors():
         BackupConfig(target_dir=Path("/x"), images=(Path("a"),), disks=("x",))
     with pytest.raises(ConfigError, match="timeout must be a positive"):
         Timeouts(freeze=0)
+
+
+def test_overlay_name_taken_leaves_no_backup_directory(vm, fake_agent, engine, tmp_path,
+                                                       monkeypatch):
+    """Overlay planning fails after the backup directory was made: nothing was
+    done, so nothing is left (no directory `quiesce list` would call unfinished)."""
+    import hostclient.backup as backup
+    from hostclient.restore import list_backups
+    from hostclient.config import ListConfig
+    real_new_dir = backup.new_backup_dir
+    taken: list[Path] = []
+
+    def new_dir_and_take_the_overlay_name(target):
+        backup_id, directory = real_new_dir(target)
+        taken.append(vm.workdir / f"a.qcow2.quiesce-{backup_id}-0.qcow2")
+        taken[-1].write_bytes(b"someone else's file")
+        return backup_id, directory
+
+    monkeypatch.setattr(backup, "new_backup_dir", new_dir_and_take_the_overlay_name)
+    target = tmp_path / "t"
+    with pytest.raises(BackupError, match=r"overlay .*quiesce-.* already exists"):
+        run_backup(config(vm, fake_agent, target, disks=("disk-a",)))
+    assert list(target.iterdir()) == []
+    assert list_backups(ListConfig(target)) == []
+    assert "guest-fsfreeze-freeze" not in fake_agent.received
+    assert taken[0].read_bytes() == b"someone else's file"
+    taken[0].unlink()
+    assert_vm_clean(vm)
