@@ -178,6 +178,24 @@ def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
     return top
 
 
+def refuse_writers(drv: Driver) -> None:
+    """Let nobody write to or resize ``drv`` or its backing chain while they
+    stay open (qemu-img convert's sources: what is copied cannot change).
+
+    Raises ImageLockedError (``Failed to get shared "write" lock``, naming
+    the file) when another open of one of the files writes to it.
+    """
+    from imagetools.errors import ImageLockedError
+    from imagetools.locking import PERM_RESIZE, PERM_WRITE, unshare
+    for node in drv.chain():
+        for f in node.host_files():
+            try:
+                unshare(f.fd, f.filename, PERM_WRITE | PERM_RESIZE)
+            except ImageLockedError as err:
+                # qemu-img names the image it opened, then the file in use
+                raise ImageLockedError(drv.filename, err.reason) from None
+
+
 def reopen_backing_read_write(overlay: Driver, cache: str | None = None) -> Driver:
     """Reopen ``overlay.backing`` for writing and return it (qemu-img commit
     writes into a backing file of the image it opened).

@@ -23,9 +23,17 @@ and share everything, so two writers of a raw file do not exclude each other
 -- but a running VM's disk device does not share write (it holds 201), and
 then any writer is refused.
 
+A command may narrow what it shares once a file is open (QEMU's
+``blk_set_perm``): ``qemu-img convert`` does not let anybody write to or
+resize its sources -- a raw source and every file of a source's backing
+chain then also hold 200 + write and 200 + resize -- so a VM or another
+tool cannot change them while they are copied (:func:`unshare`).
+
 The locks belong to the open file description, so they vanish when the
-file is closed (or the process dies) and never conflict with ourselves.
-Filesystems without OFD lock support are used unlocked, as QEMU's
+file is closed (or the process dies). Two open file descriptions conflict
+even inside one process, exactly as between processes: a file a command
+reads without sharing write cannot be opened for writing by the same
+command. Filesystems without OFD lock support are used unlocked, as QEMU's
 ``locking=auto`` does.
 """
 
@@ -141,6 +149,31 @@ def _release(fd: int, wanted: list[int]) -> None:
             _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
         except OSError:
             pass
+
+
+def unshare(fd: int, filename: str, perms: int) -> None:
+    """Stop sharing ``perms`` of a file already opened and locked on ``fd``.
+
+    Takes byte ``200 + bit`` for each permission and fails with qemu-img's
+    ``Failed to get shared "write" lock`` when another open file description
+    (in this process or another) uses one of them. On a conflict the bytes
+    stay taken: the caller is failing and closes the file.
+    """
+    try:
+        for bit in _bits(perms):
+            _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + bit)
+        conflict = None
+        for bit in _bits(perms):
+            if _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, LOCK_PERM_BASE + bit) != fcntl.F_UNLCK:
+                conflict = f'Failed to get shared "{PERM_NAMES[1 << bit]}" lock'
+                break
+    except OSError as err:
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            return                      # no OFD locks on this filesystem: unlocked
+        conflict = 'Failed to get shared "write" lock'
+    if conflict is not None:
+        raise ImageLockedError(filename,
+                               f"{conflict}\nIs another process using the image [{filename}]?")
 
 
 def lock_image(fd: int, filename: str, *, read_only: bool, force_share: bool,

@@ -203,9 +203,17 @@ def snapshot_table(snapshots: list[dict[str, Any]]) -> str:
                                          (clock_ns // 1_000_000) % 1000)
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sn.get("date-sec", 0)))
         icount = str(sn["icount"]) if "icount" in sn else ""
-        lines.append("%-9s %-16s %8s%20s%13s%11s\n" % (
-            sn["id"], sn["name"], human_size(sn.get("vm-state-size", 0)), date, clock, icount))
+        lines.append("%s %s %8s%20s%13s%11s\n" % (
+            _pad(sn["id"], 9), _pad(sn["name"], 16), human_size(sn.get("vm-state-size", 0)),
+            date, clock, icount))
     return "".join(lines)
+
+
+def _pad(text: str, width: int) -> str:
+    """``text`` left-justified to ``width`` *bytes*, as C's ``%-Ns`` pads:
+    a multi-byte UTF-8 name takes as many columns as it has bytes."""
+    size = len(text.encode("utf-8", "surrogateescape"))
+    return text + " " * (width - size) if size < width else text
 
 
 def human_image_info(info: dict[str, Any]) -> str:

@@ -1,9 +1,9 @@
 """``-p`` progress, printed exactly as qemu-img prints it.
 
 qemu-img writes ``    (P/100%)\\r`` records to stdout (tty or not) whenever
-the percentage moved by more than a per-command minimum step, or hit 0 or
-100, and a final newline when the command ends. The arithmetic is C
-``float`` (32-bit); :func:`f32` rounds each step the same way so that the
+the percentage moved by more than a per-command minimum step (up or
+down), or hit 0 or 100, and a final newline when the command ends. The
+arithmetic is C ``float`` (32-bit); :func:`f32` rounds each step the same way so that the
 printed two-decimal values agree. Without ``-p``, SIGUSR1 makes the next
 update print one ``    (P/100%)`` line on stderr, as in qemu-img.
 
@@ -14,7 +14,6 @@ The engine (convert, compare, ...) reports progress through a plain
 
 from __future__ import annotations
 
-import signal
 import struct
 import sys
 TYPE_CHECKING = False
@@ -46,6 +45,12 @@ class Progress:
         def on_signal(signum: int, frame: object) -> None:
             self._pending = True
         try:
+            # the C module under ``signal`` (always loaded): ``signal`` itself
+            # imports enum, a few milliseconds at the start of every command
+            import _signal as signal
+        except ImportError:
+            import signal
+        try:
             signal.signal(signal.SIGUSR1, on_signal)
         except (ValueError, OSError, AttributeError):
             pass   # not the main thread, or no SIGUSR1: no on-demand report
@@ -63,7 +68,11 @@ class Progress:
         if current > 100:
             current = 100.0
         self.current = current
-        if current > f32(self.last_print + self.min_skip) or current == 100 or current == 0:
+        # it prints when the value moved by more than the step either way (an
+        # amend's second operation starts low again), and at 0 and 100
+        if (current > f32(self.last_print + self.min_skip)
+                or current < f32(self.last_print - self.min_skip)
+                or current == 100 or current == 0):
             self.last_print = current
             self._emit()
 

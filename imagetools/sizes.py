@@ -16,8 +16,6 @@ two-line "Invalid NAME specified" message and range checks.
 
 from __future__ import annotations
 
-import math
-
 from imagetools.errors import ImageError
 from imagetools.output import Reported, warn
 
@@ -162,7 +160,9 @@ def parse_option_size(name: str, text: str) -> int:
 
 def human_size(value: int) -> str:
     """``qemu-img info``'s rendering of a byte count (``1.5 KiB``, ``64 MiB``)."""
-    _, exponent = math.frexp(value / (1000.0 / 1024.0))
+    # frexp's binary exponent of the scaled value (its integer part has the
+    # same bit length; no math import at start-up)
+    exponent = int(value / (1000.0 / 1024.0)).bit_length()
     index = max(0, (exponent - 1) // 10)
     index = min(index, 6)
     return "%0.3g %sB" % (value / (1 << (index * 10)), ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")[index])

@@ -45,14 +45,19 @@ against it keep working.
 
 from __future__ import annotations
 
+from collections import namedtuple
+
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from typing import Any, Callable, Iterator
 
     from imagetools.formats.qcow2.check import CheckResult
 
+_ExtentFields = namedtuple("Extent", "start length present zero data offset depth filename "
+                                     "compressed", defaults=(None, False))
 
-class Extent:
+
+class Extent(_ExtentFields):
     """A run of guest bytes ``[start, start + length)`` with one status.
 
     The fields mean what qemu-img map's members mean:
@@ -71,49 +76,15 @@ class Extent:
     ``filename`` the file holding the data (for human map); None if not data
     ``compressed`` the run is stored compressed (qemu-img 8.2's member)
 
-    An immutable value (a plain slotted class rather than a dataclass, so
-    that importing the engine stays cheap for ``qimg info``).
+    An immutable value: a named tuple (cheap to make: a fragmented image
+    has one per cluster, and a dataclass would also cost start-up time).
     """
 
-    __slots__ = ("start", "length", "present", "zero", "data", "offset", "depth",
-                 "filename", "compressed")
-
-    def __init__(self, start: int, length: int, present: bool, zero: bool, data: bool,
-                 offset: int | None, depth: int, filename: str | None = None,
-                 compressed: bool = False) -> None:
-        set_ = object.__setattr__
-        set_(self, "start", start)
-        set_(self, "length", length)
-        set_(self, "present", present)
-        set_(self, "zero", zero)
-        set_(self, "data", data)
-        set_(self, "offset", offset)
-        set_(self, "depth", depth)
-        set_(self, "filename", filename)
-        set_(self, "compressed", compressed)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("Extent is immutable")
+    __slots__ = ()
 
     @property
     def end(self) -> int:
         return self.start + self.length
-
-    def _key(self) -> tuple:
-        return (self.start, self.length, self.present, self.zero, self.data, self.offset,
-                self.depth, self.filename, self.compressed)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Extent):
-            return NotImplemented
-        return self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return ("Extent(start={}, length={}, present={}, zero={}, data={}, offset={}, "
-                "depth={}, filename={!r}, compressed={})").format(*self._key())
 
     def same_status(self, other: "Extent") -> bool:
         """True if ``other`` directly follows this run and can be merged into it.

@@ -69,7 +69,8 @@ def main(argv: list[str]) -> int:
         raise usage_error("Must specify options (-o)")
     if quiet:
         progress = False
-    meter = _Progress(progress, 1.0)
+    from imagetools.progress import Progress
+    meter = Progress(progress, 1.0)
     try:
         return _amend(scan.operands, fmt, options, cache=cache, image_opts=image_opts,
                       force=force, meter=meter)
@@ -106,20 +107,6 @@ def _amend(rest: list[str], fmt: str | None, options: str, *, cache: str, image_
     finally:
         drv.close()
     return 0
-
-
-def _Progress(enabled: bool, min_skip: float):
-    """qemu-img's progress meter, which also prints when the value moves back
-    by more than the step (amend's second operation starts low again)."""
-    from imagetools.progress import Progress, f32
-
-    class Meter(Progress):
-        def print(self, delta: float, max_: int = 0) -> None:
-            if max_ == 0 and f32(delta) < f32(self.last_print - self.min_skip):
-                self.last_print = float("-inf")
-            super().print(delta, max_)
-
-    return Meter(enabled, min_skip)
 
 
 def parse(descs, fmt: str, text: str) -> dict:

@@ -67,10 +67,12 @@ def parse_image_opts(text: str, fmt: str | None) -> tuple[str, str | None]:
 def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
                force_share: bool = False, image_opts: bool = False,
                open_backing: bool = True, exit_code: int = 1,
-               cache: str | None = None) -> "Driver":
+               cache: str | None = None, unchanged: bool = False) -> "Driver":
     """Open an image (and its backing chain) as qemu-img's img_open would.
 
     ``cache`` is a qemu-img cache mode (-t/-T); "unsafe" never syncs.
+    ``unchanged``: nobody may write to the image or its backing files while
+    it is open (qemu-img convert's sources), unless ``force_share`` (-U).
     """
     display = filename
     if image_opts:
@@ -78,8 +80,15 @@ def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
     from imagetools import image
     try:
         extra = {} if cache is None else {"cache": "none" if cache == "off" else cache}
-        return image.open_image(filename, fmt, read_only=read_only, force_share=force_share,
-                                open_backing=open_backing, **extra)
+        drv = image.open_image(filename, fmt, read_only=read_only, force_share=force_share,
+                               open_backing=open_backing, **extra)
+        if unchanged and not force_share:
+            try:
+                image.refuse_writers(drv)
+            except BaseException:
+                drv.close()
+                raise
+        return drv
     except ImageError as err:
         raise open_error(display, err, exit_code) from None
     except OSError as err:

@@ -18,12 +18,15 @@ Exit codes: 0 identical, 1 different, 2 an image could not be opened,
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
 
 from imagetools.errors import ImageError
 from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
+from imagetools.record import Record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Callable
 
 IO_BUF_SIZE = 2 * 1024 * 1024
 SECTOR = 512
@@ -32,15 +35,14 @@ LONG = [("help", 0, "h"), ("object", 1, "object"), ("image-opts", 0, "image-opts
         ("force-share", 0, "U")]
 
 
-@dataclass
-class CompareResult:
+class CompareResult(Record):
     """What compare found; ``lines`` are the messages qemu-img prints."""
 
     identical: bool
     exit_code: int
     mismatch_offset: int | None = None
     size_mismatch: bool = False
-    lines: list[str] = field(default_factory=list)
+    lines: list[str] = []
 
 
 def main(argv: list[str]) -> int:

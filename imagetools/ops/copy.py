@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from imagetools.errors import ImageError
 from imagetools.output import Reported, warn
+from imagetools.record import Record
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Callable, Iterator
 
 SECTOR = 512
 IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
@@ -35,11 +37,10 @@ BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = 0, 1, 2     # ImgConvertBlockStatus
 PLAN_LIMIT = 4_000_000                             # chunks kept from the first pass
 
 
-@dataclass
-class ConvertJob:
+class ConvertJob(Record):
     """Everything ``qemu-img convert`` takes from its command line."""
 
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = []
     target: str | None = None
     src_fmt: str | None = None
     out_fmt: str | None = None
@@ -67,8 +68,7 @@ class ConvertJob:
     progress: bool = False
 
 
-@dataclass
-class ConvertStats:
+class ConvertStats(Record):
     """What a conversion did (for the API and the benchmark)."""
 
     total_bytes: int = 0
@@ -105,7 +105,8 @@ def convert(job: ConvertJob, progress: Callable[[int, int], None] | None = None)
     try:
         for name in job.sources:
             sources.append(open_image(name, job.src_fmt, read_only=True,
-                                      force_share=job.force_share, image_opts=job.image_opts))
+                                      force_share=job.force_share, image_opts=job.image_opts,
+                                      unchanged=True))
         if job.snapshot is not None:
             if isinstance(job.snapshot, str) and len(sources) > 1:
                 raise Reported("No support for concatenating multiple snapshot")
@@ -721,6 +722,7 @@ class _CompressedWriter:
         workers = max(1, min(8, os.cpu_count() or 1))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qimg-zlib")
         self.window = workers * 4
+        from collections import deque
         self.pending: deque = deque()
         self.clusters = 0
 

@@ -13,19 +13,19 @@ list) and renders ``-o help`` and the Formatting line.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 from imagetools.output import Reported
 
 STR, BOOL, NUMBER, SIZE = "str", "bool (on/off)", "num", "size"
 
 
-@dataclass(frozen=True)
-class OptionDesc:
-    name: str
-    type: str
-    help: str
-    default: str | None = None
+class OptionDesc(namedtuple("OptionDesc", "name type help default", defaults=(None,))):
+    """One ``-o`` option: name, type (STR, BOOL, NUMBER, SIZE), help text,
+    default shown by ``-o help`` (an immutable value; a named tuple rather
+    than a dataclass, which would cost start-up time)."""
+
+    __slots__ = ()
 
 
 SIZE_OPT = OptionDesc("size", SIZE, "Virtual disk size")

@@ -163,6 +163,18 @@ def test_progress_skips_steps_below_the_minimum() -> None:
     assert out.getvalue().count("\r") == 1 + 33 + 1   # 0, every 3%, and 100
 
 
+def test_progress_prints_when_the_value_drops_by_more_than_the_step() -> None:
+    """qemu-img 7.2 prints a value that moved back by more than the step (an
+    amend's second operation starts low: 0.00, 25.00, 50.00, 0.13, 1.17, ...
+    as qemu-img amend -p -o compat=1.1,refcount_bits=4 prints on a v2 image)."""
+    out = io.StringIO()
+    meter = Progress(True, 1.0, stream=out)
+    for value in (0.0, 25.0, 50.0, 49.5, 0.13, 0.5, 1.17, 1.5, 2.21):
+        meter.print(value, 0)
+    assert out.getvalue() == ("    (0.00/100%)\r    (25.00/100%)\r    (50.00/100%)\r"
+                              "    (0.13/100%)\r    (1.17/100%)\r    (2.21/100%)\r")
+
+
 def test_disabled_progress_is_silent() -> None:
     out = io.StringIO()
     meter = Progress(False, 1.0, stream=out)

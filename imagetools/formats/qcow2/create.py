@@ -24,12 +24,15 @@ Messages are qemu-img's.
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 from imagetools.errors import ImageError, UnsupportedError
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.layout import QCOW_OFLAG_COPIED, Layout
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 KNOWN_OPTIONS = {
     "size", "compat", "backing_file", "backing_fmt", "data_file", "data_file_raw",

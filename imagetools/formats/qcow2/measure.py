@@ -13,11 +13,13 @@ the source and the target (qcow2 v3) can hold bitmaps.
 
 from __future__ import annotations
 
-from typing import Any
-
 from imagetools.errors import ImageError
 from imagetools.formats.base import Driver
 from imagetools.formats.qcow2 import header as hdr
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int) -> int:

@@ -18,7 +18,6 @@ from imagetools.errors import CorruptImageError, ImageIOError, UnsupportedError
 from imagetools.formats.base import Extent
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2 import header as hdr
-from imagetools.formats.qcow2.compression import decompress
 from imagetools.formats.qcow2.layout import (
     COMPRESSED, INVALID, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, UNALLOCATED_ALLOC,
     UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
@@ -303,6 +302,7 @@ class Qcow2Reader:
             raise CorruptImageError("Compressed cluster in an image with an external data file")
         coffset, nbytes = self.layout.compressed_range(entry)
         raw = self.file.pread(coffset, nbytes)
+        from imagetools.formats.qcow2.compression import decompress   # zlib: only when used
         data = decompress(self.header.compression_type, raw, self._cluster_size)
         self._compressed_cache = (entry, data)
         return data

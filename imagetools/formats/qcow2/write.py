@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from typing import Callable
 
 from imagetools.errors import ImageError, ImageIOError
-from imagetools.formats.qcow2 import compression
 from imagetools.formats.qcow2.layout import (
     BITMAP_ALL_ZERO, COMPRESSED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
@@ -583,6 +582,7 @@ class Qcow2Writer:
     # -- compressed clusters -------------------------------------------------------
 
     def compressor(self) -> Callable[[bytes], bytes | None]:
+        from imagetools.formats.qcow2 import compression   # zlib: only when used
         fn = compression.compressor(self.header.compression_type, self._cluster_size)
         cs = self._cluster_size
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 
 import pytest
-from conftest import run
+from fmt_helpers import run
 
 from imagetools.errors import ImageLockedError
 from imagetools.image import create_image, open_image
@@ -210,3 +211,69 @@ def test_create_refuses_an_image_in_use(qemu_img, qemu_io, qcow2_chain):
         proc = run(qemu_img, "create", "-q", "-f", "qcow2", top, "1M", check=False)
         assert proc.stderr == f"qemu-img: {top}: {err.value.reason}\n"
     assert open(top, "rb").read() == before
+
+
+# -- convert's sources: nobody may write to them while they are copied ------
+
+def qimg_cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """qimg as a separate process, its messages prefixed like qemu-img's."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))))
+    proc = subprocess.run([sys.executable, "-m", "imagetools", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd,
+                          env=dict(os.environ, LC_ALL="C", PYTHONPATH=root))
+    proc.stderr = proc.stderr.replace("qimg: ", "qemu-img: ")
+    return proc
+
+
+@pytest.fixture
+def raw_backed(qemu_img, tmp_path):
+    base = str(tmp_path / "base.raw")
+    top = str(tmp_path / "top.qcow2")
+    create_image(base, "raw", 1 << 20, {})
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top)
+    return base, top, str(tmp_path / "out.raw")
+
+
+def test_convert_refuses_sources_another_process_writes(qemu_img, qemu_io, raw_backed):
+    """A raw source, or the raw backing file of a qcow2 source, that a writer
+    holds: qemu-img convert refuses (it does not share write on its sources),
+    and so does qimg, with the same message; -U lifts it for both."""
+    base, top, out = raw_backed
+    with qemu_io_holder(qemu_io, base, "raw"):
+        for src in ([base, "-f", "raw"], [top]):
+            argv = ["convert", "-O", "raw", *src[1:], src[0], out]
+            ref = run(qemu_img, *argv, check=False)
+            ours = qimg_cli(*argv)
+            assert ref.returncode == ours.returncode == 1
+            assert 'Failed to get shared "write" lock' in ref.stderr
+            assert ours.stderr == ref.stderr
+            argv.insert(1, "-U")
+            assert run(qemu_img, *argv).returncode == qimg_cli(*argv).returncode == 0
+
+
+def test_convert_sources_lock_out_writers_in_this_process_too(raw_backed):
+    """OFD locks conflict between two opens of one file even in one process:
+    once convert holds its sources, opening one of them for writing fails
+    with the lock error (not only through convert's explicit same-file check)."""
+    from imagetools.ops.common import open_image as cli_open
+    from imagetools.output import Reported
+    base, top, _ = raw_backed
+    with cli_open(top, read_only=True, unchanged=True):
+        assert held_bytes(top) == held_bytes(base) == {100, 201, 203}
+        for path, fmt in ((base, "raw"), (top, "qcow2")):
+            with pytest.raises(ImageLockedError) as err:
+                open_image(path, fmt, read_only=False)
+            assert err.value.reason == ('Failed to get "write" lock\n'
+                                        f"Is another process using the image [{path}]?")
+        with open_image(base, "raw", read_only=True):     # readers are welcome
+            pass
+    with cli_open(base, "raw", read_only=True, force_share=True, unchanged=True):
+        assert held_bytes(base) == {100}                    # -U shares everything
+    with open_image(base, "raw", read_only=False) as writer:
+        with pytest.raises(Reported) as err:
+            cli_open(top, read_only=True, unchanged=True)
+        assert str(err.value) == (f"Could not open '{top}': Failed to get shared \"write\" "
+                                  f"lock\nIs another process using the image [{base}]?")
+        del writer
+    assert held_bytes(top) == held_bytes(base) == set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import io_cmds, run
+from fmt_helpers import io_cmds, run
 
 from imagetools.formats import driver
 from imagetools.image import open_image

@@ -7,7 +7,7 @@ import struct
 import zlib
 
 import pytest
-from conftest import run
+from fmt_helpers import run
 
 from imagetools.errors import ImageError, ImageOpenError
 from imagetools.formats import driver, magic, probe

@@ -11,7 +11,7 @@ import json
 import struct
 
 import pytest
-from conftest import io_cmds, qemu_check, run
+from fmt_helpers import io_cmds, qemu_check, run
 
 from imagetools.image import open_image
 

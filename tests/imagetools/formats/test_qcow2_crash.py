@@ -18,7 +18,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import io_cmds, qemu_check, run
+from fmt_helpers import io_cmds, qemu_check, run
 
 from imagetools.image import open_image
 

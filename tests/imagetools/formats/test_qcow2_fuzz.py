@@ -18,7 +18,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import io_cmds, run
+from fmt_helpers import io_cmds, run
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -9,7 +9,7 @@ import json
 import struct
 
 import pytest
-from conftest import io_cmds, run
+from fmt_helpers import io_cmds, run
 
 from imagetools.errors import ImageError, ImageIOError, ImageOpenError
 from imagetools.image import MAX_BACKING_DEPTH, create_image, open_image

@@ -11,7 +11,7 @@ import json
 import os
 
 import pytest
-from conftest import io_cmds, our_map, qemu_map, qemu_raw_bytes, run
+from fmt_helpers import io_cmds, our_map, qemu_map, qemu_raw_bytes, run
 
 from imagetools.image import open_image
 

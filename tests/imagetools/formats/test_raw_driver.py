@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import io_cmds, our_map, qemu_map, run
+from fmt_helpers import io_cmds, our_map, qemu_map, run
 
 from imagetools.errors import ImageError, ImageIOError, ImageOpenError
 from imagetools.image import create_image, open_image

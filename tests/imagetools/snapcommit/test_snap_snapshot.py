@@ -183,3 +183,18 @@ def test_snapshot_of_qemu_written_compressed_and_zero_clusters(tools):
     assert tools.ours("snapshot", "-d", "s", img).rc == 0
     assert qemu_check(tools.qemu_img, tools.path(img)).get("leaks", 0) == 0
     run(tools.qemu_img, "compare", "-U", img, img, cwd=tools.dir)
+
+
+def test_listing_pads_multibyte_names_by_bytes(pair):
+    """qemu-img pads the ID and TAG columns with printf, which counts bytes:
+    a UTF-8 name of N characters and M > N bytes takes M columns."""
+    pair.setup("image", "u.qcow2", "qcow2", "1M", "write -P 3 0 4k")
+    names = ["äöü", "日本語のスナップ", "naïve-ünïcödé-näme", "x", "€" * 6]
+    for name in names:
+        pair.same("snapshot", "-c", name, "u.qcow2")
+    for step in (("snapshot", "-l", "u.qcow2"), ("info", "u.qcow2")):
+        ref = pair.ref.ref(*step)
+        ours = pair.ours.ours(*step)
+        assert ref.rc == ours.rc == 0
+        assert mask_dates(ours.out) == mask_dates(ref.out), f"{ref.text()}\nvs\n{ours.text()}"
+    assert "日本語のスナップ".encode() in pair.ours.ours("snapshot", "-l", "u.qcow2").out

@@ -1,4 +1,9 @@
-"""Helpers for the format-driver tests: run the QEMU oracles, compare maps."""
+"""Helpers of the format-driver tests (run the QEMU oracles, compare maps).
+
+A uniquely named module rather than conftest.py: test files import these
+by name, and a module called `conftest` may already be another directory's
+when several test directories run in one pytest session.
+"""
 
 from __future__ import annotations
 
