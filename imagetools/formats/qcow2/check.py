@@ -23,19 +23,32 @@ and the computed refcounts live in a compact array.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Any
+from itertools import compress
 
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.layout import (
     COMPRESSED, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     NORMAL, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
     UNALLOCATED_PLAIN, ZERO_ALLOC)
-from imagetools.formats.qcow2.tables import read_be64_array
+from imagetools.formats.qcow2.tables import _NATIVE_LE, read_be64_array
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from typing import Any
+
     from imagetools.formats.qcow2.driver import Qcow2Driver
 
 REFT_RESERVED_MASK = 0x1FF
+_MASKED: dict[int, bytes] = {}
+_ONES = (1).to_bytes(8, "little")
+
+
+def _masked(mask: int) -> bytes:
+    """The bytes.translate table byte -> byte & mask (made when first used)."""
+    table = _MASKED.get(mask)
+    if table is None:
+        table = _MASKED[mask] = bytes(b & mask for b in range(256))
+    return table
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 QCOW_MAX_L1_SIZE = hdr.QCOW_MAX_L1_SIZE
@@ -125,6 +138,9 @@ class _Counter:
         self.fix = 0
         #: the L2 table being walked (for repairs of its entries)
         self.l2_offset = 0
+        #: active L2 tables the whole-table path counted: offset -> (cluster
+        #: indices of the entries with a host cluster, their flag bytes)
+        self.plain_l2: dict[int, tuple[list[int], bytes]] = {}
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -328,6 +344,8 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
             if entry or bitmap:
                 _check_l2_entry(drv, res, counter, i, entry, bitmap, active, times, state)
         return
+    if _plain_l2(drv, res, counter, l2_offset, words, active):
+        return
     # the common case, kept lean: standard entries, each referenced once
     counts = counter.counts
     ncount = len(counts)
@@ -374,6 +392,81 @@ def _check_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
             counts[k] += 1
     res.allocated_clusters += allocated
     res.fragmented_clusters += fragmented
+
+
+def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset: int,
+              words: array, active: bool) -> bool:
+    """Count an L2 table in whole-table passes if nothing in it needs a rule.
+
+    Qualifies a table of standard entries where every entry is unallocated,
+    data or a zero cluster, with no compressed or reserved bits, aligned
+    host offsets inside the file, and refcounts of 8 bits or more. The
+    tests run on the entries' bytes (flag byte, low byte, alignment bits)
+    at C speed, the cluster indices come from shifted bytes, and only the
+    refcount increments are a Python loop. Returns False (nothing changed)
+    when the table needs the entry-by-entry walk.
+    """
+    if drv.layout.refcount_bits < 8 or not _NATIVE_LE:
+        return False
+    raw = words.tobytes()
+    n = len(words)
+    flags = raw[7::8]
+    if flags.translate(None, b"\x00\x80") or raw[0::8].translate(None, b"\x00\x01"):
+        return False                 # compressed, reserved bits: the full rules
+    cbits = drv.cluster_bits
+    below = (1 << (cbits - 8)) - 1   # reserved bit 8 and the alignment bits
+    zeros = bytes(n)
+    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
+        return False
+    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
+        return False
+    # cluster index = entry bits cbits..55: move bytes cbits//8..6 of every
+    # entry down, then shift all the entries at once as one big integer (the
+    # alignment bits that cross into the next entry down are zero)
+    shift = cbits // 8
+    moved = bytearray(len(raw))
+    for j in range(7 - shift):
+        moved[j::8] = raw[j + shift::8]
+    if cbits % 8:
+        moved = (int.from_bytes(moved, "little") >> (cbits % 8)).to_bytes(len(raw), "little")
+    indices = array("Q", moved)
+    ks = list(filter(None, indices))    # entries with a host cluster
+    if not ks:
+        return True
+    top = max(ks)
+    counts = counter.counts
+    if top >= len(counts) or (top + 1) << cbits > counter.file_len:
+        return False                 # past the end of the file: reported one by one
+    done = 0
+    try:
+        for k in ks:
+            counts[k] += 1
+            done += 1
+    except OverflowError:            # the refcount width overflows: undo, full rules
+        for k in ks[:done]:
+            counts[k] -= 1
+        return False
+    if active:
+        res.allocated_clusters += len(ks)
+        res.fragmented_clusters += _discontiguous(ks)
+        counter.plain_l2[l2_offset] = (ks, bytes(compress(flags, indices)))
+    return True
+
+
+def _discontiguous(ks: list[int]) -> int:
+    """How many of ``ks`` (after the first) do not follow the one before.
+
+    Each index plus one is compared with the next as 8-byte fields of two
+    big integers (XOR: a zero field is a match); indices stay below 2**56,
+    so adding one never carries into the next field.
+    """
+    n = len(ks) - 1
+    if n <= 0:
+        return 0
+    packed = array("Q", ks).tobytes()
+    following = int.from_bytes(packed[:-8], "little") + int.from_bytes(_ONES * n, "little")
+    diff = int.from_bytes(packed[8:], "little") ^ following
+    return n - array("Q", diff.to_bytes(8 * n, "little")).count(0)
 
 
 def _check_l2_entry(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, i: int,
@@ -615,6 +708,14 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
                 res.corruptions += 1
         if repair and l2_offset % drv.cluster_size:
             continue                  # not a table we may write to (see _check_l1)
+        plain = counter.plain_l2.get(l2_offset)
+        if plain is not None and not has_data_file:
+            # counted whole (see _plain_l2): every cluster has refcount 1 and
+            # every entry COPIED, or the table is walked entry by entry
+            ks, flags = plain
+            if max(ks) < nstored and flags.count(0x80) == len(flags) and \
+                    list(map(stored.__getitem__, ks)).count(1) == len(ks):
+                continue
         words = counter.active_l2.get(l2_offset)
         if words is None:
             words = read_be64_array(drv.file, l2_offset, layout.l2_entries * (2 if ext else 1))
