@@ -196,3 +196,44 @@ def test_check_mode_opens_an_image_without_refcount_table(qemu_img, clean):
     ours["rc"] = res.exit_code
     assert res.messages == theirs.pop("stderr").splitlines()
     assert ours == theirs
+
+
+# -- the whole-table path (plain L2 tables) against the entry-by-entry rules --
+
+@pytest.mark.parametrize("opts", ["cluster_size=512", "cluster_size=4k", "cluster_size=16k",
+                                  "cluster_size=64k", "cluster_size=2M",
+                                  "cluster_size=4k,refcount_bits=8",
+                                  "cluster_size=4k,refcount_bits=64",
+                                  "cluster_size=4k,refcount_bits=4"])
+def test_fragmented_tables_like_qemu(qemu_img, qemu_io, tmp_path, opts):
+    """Clusters written in random order (fragmented counts), zero clusters
+    with and without a host cluster, then a snapshot (shared clusters:
+    refcount 2, COPIED cleared) and more writes: qemu-img's numbers and lines
+    at every step, for cluster sizes whose offsets are not whole bytes too."""
+    import random
+    path = str(tmp_path / "f.qcow2")
+    cs = {"512": 512, "4k": 4096, "16k": 16384, "64k": 65536, "2M": 2 << 20}[
+        opts.split(",")[0].split("=")[1]]
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, path, str(600 * cs))
+    rng = random.Random(cs)
+    order = rng.sample(range(600), 400)
+    io_cmds(qemu_io, path, *(f"write -P {1 + i % 200} {c * cs} {cs}" for i, c in
+                             enumerate(order)),
+            f"write -z {order[0] * cs} {cs}", f"write -z -u {order[1] * cs} {cs}")
+    assert_check_like_qemu(qemu_img, path)
+    run(qemu_img, "snapshot", "-c", "s", path)
+    io_cmds(qemu_io, path, *(f"write -P 9 {c * cs} {cs}" for c in order[::7]))
+    res = assert_check_like_qemu(qemu_img, path)
+    assert res.fragmented_clusters > 0
+
+
+def test_copied_flag_missing_in_a_plain_table(qemu_img, qemu_io, tmp_path):
+    """A plain table with one COPIED flag cleared: found, in qemu-img's words."""
+    path = str(tmp_path / "c.qcow2")
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", path, "4M")
+    io_cmds(qemu_io, path, "write -P 1 0 1M")
+    l2 = l2_table_offset(path)
+    entry = header_field(path, ">Q", l2 + 8 * 5)
+    poke(path, l2 + 8 * 5, ">Q", entry & ~(1 << 63))
+    res = assert_check_like_qemu(qemu_img, path)
+    assert res.corruptions == 1
