@@ -41,7 +41,8 @@ from hostclient.engine import (
     content_sha256,
     copy_image,
     held_by_qemu,
-    image_format,
+    image_chain,
+    openable_formats,
     verify_copy,
 )
 from hostclient.errors import (
@@ -64,12 +65,14 @@ from hostclient.manifest import (
     write_manifest,
 )
 from hostclient.progress import ProgressBar
+from hostclient.qemuhost import same_file
 from hostclient.qmp import (
     BlockDisk,
     Monitor,
     Overlay,
     choose_disks,
     commit_back,
+    host_path,
     nodes_using,
     safe_name,
     snapshot,
@@ -237,6 +240,7 @@ class RunningBackup(_Job):
                 self.ui.info(f"skipping disk {reason}")
             if not disks:
                 raise BackupError("no disk to back up" + (f" ({'; '.join(skipped)})" if skipped else ""))
+            self._check_chains(disks)
             self.vm_status = self.mon.execute("query-status").get("status", "unknown")
             self._connect_agent()
             self.cancel.check()
@@ -313,6 +317,29 @@ class RunningBackup(_Job):
         else:
             code = EXIT_FAILED
         return BackupResult(m, self.directory, code)
+
+    def _check_chains(self, disks: list[BlockDisk]) -> None:
+        """The engine must read each disk as the guest sees it: the backing
+        chain it follows from the image headers has to be the one QEMU has
+        open (a -blockdev graph may differ from the headers, and a format
+        QEMU was given may differ from a recorded or guessed one)."""
+        qemu = self.mon.process()
+        for disk in disks:
+            chain = image_chain(disk.path, disk.format, follow_guesses=True)
+            ours = [(lv.filename, lv.format) for lv in chain.levels[1:]]
+            theirs = []
+            for name, fmt in disk.backing_chain:
+                path, problem = host_path(qemu, name, f"disk {disk.name}'s backing file")
+                if problem:
+                    raise BackupError(problem)
+                theirs.append((path, fmt))
+            same = len(ours) == len(theirs) and all(
+                a_fmt == b_fmt and same_file(a, b) for (a, a_fmt), (b, b_fmt) in zip(ours, theirs))
+            if not same:
+                raise BackupError(
+                    f"disk {disk.name}: QEMU reads it through the backing chain "
+                    f"{_describe(theirs)}, but the image headers lead to {_describe(ours)}; a copy "
+                    "made from the files would not be what the guest sees, refusing")
 
     # ------------------------------------------------------------ agent
 
@@ -498,6 +525,10 @@ class RunningBackup(_Job):
             f"to commit it back into {o.disk.path} and remove the overlay")
 
 
+def _describe(chain: list[tuple[str, str]]) -> str:
+    return " <- ".join(f"{path} ({fmt})" for path, fmt in chain) if chain else "(none)"
+
+
 def _is_regular(path: str) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
@@ -516,10 +547,11 @@ class StoppedBackup(_Job):
         try:
             plan = self._inspect()
             self.cancel.check()
-            self.start("stopped", {"images": [str(p) for p in self.cfg.images]})
+            self.start("stopped", {"images": [str(i.path) for i in self.cfg.images]})
             self.manifest.consistency = "offline"
-            names = _unique_names([safe_name(p.name.split(".")[0] or p.name) for p, _, _ in plan])
-            for i, ((path, fmt, _), name) in enumerate(zip(plan, names), 1):
+            self.manifest.warnings += self.guess_warnings
+            names = _unique_names([safe_name(p.name.split(".")[0] or p.name) for p, _ in plan])
+            for i, ((path, fmt), name) in enumerate(zip(plan, names), 1):
                 self._recheck_unlocked(path)
                 self.manifest.disks.append(self.copy_and_verify(
                     name, str(path), fmt, None, None, i, len(plan)))
@@ -539,14 +571,30 @@ class StoppedBackup(_Job):
         code = EXIT_OK if complete else (EXIT_INTERRUPTED if self.interrupted else EXIT_FAILED)
         return BackupResult(self.manifest, self.directory, code)
 
-    def _inspect(self) -> list[tuple[Path, str, int]]:
+    def _inspect(self) -> list[tuple[Path, str]]:
+        """(image, format) of each image, refusing what is unsafe to read.
+
+        A format guessed from the content is trusted only as far as it
+        cannot make the engine read other host files (engine.image_chain);
+        a guess other than raw is reported.
+        """
         plan = []
-        for path in self.cfg.images:
+        self.guess_warnings: list[str] = []
+        for spec in self.cfg.images:
+            path = spec.path
             if not path.exists():
                 raise BackupError(f"{path}: no such image")
+            if spec.format is not None and spec.format not in openable_formats():
+                raise BackupError(f"--format {spec.format}: not a format the image engine reads "
+                                  f"({', '.join(openable_formats())})")
             self._recheck_unlocked(path)
-            fmt, size = image_format(str(path))
-            plan.append((path, fmt, size))
+            chain = image_chain(str(path), spec.format)
+            if chain.refused:
+                raise BackupError(chain.refused)
+            for warning in chain.warnings():
+                self.ui.info(f"warning: {warning}")
+                self.guess_warnings.append(warning)
+            plan.append((path, chain.top.format))
         return plan
 
     @staticmethod

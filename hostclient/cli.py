@@ -20,6 +20,7 @@ from hostclient.config import (
     AGENT_FAILURE_POLICIES,
     AgentCommandConfig,
     BackupConfig,
+    ImageSpec,
     ListConfig,
     RestoreConfig,
     Timeouts,
@@ -46,6 +47,26 @@ def _positive(text: str) -> float:
     return value
 
 
+class _FormatAction(argparse.Action):
+    """``--format FMT``: the format of every ``--image`` after it (until the
+    next ``--format``), as qemu-img's -f applies to the file after it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if namespace.image_format is not None and not namespace.format_used:
+            parser.error(f"--format {namespace.image_format} is followed by no --image "
+                         "(--format applies to the --image options after it)")
+        namespace.image_format = values
+        namespace.format_used = False
+
+
+class _ImageAction(argparse.Action):
+    """``--image PATH``, remembered with the ``--format`` given before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        namespace.image = [*namespace.image, (values, namespace.image_format)]
+        namespace.format_used = True
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quiesce",
@@ -63,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back up only this drive (node, drive or device name); repeatable")
     b.add_argument("--mountpoint", action="append", default=[], metavar="DIR",
                    help="freeze only this guest filesystem (guest-fsfreeze-freeze-list); repeatable")
-    b.add_argument("--image", action="append", default=[], metavar="PATH",
+    b.add_argument("--image", action=_ImageAction, dest="image", default=[], metavar="PATH",
                    help="an image of a stopped VM; repeatable")
+    b.add_argument("--format", action=_FormatAction, dest="image_format", default=None,
+                   metavar="FMT", help="format of the --image options that follow it (qcow2, "
+                   "raw, ...); without it the format is guessed from the content, and a guessed "
+                   "format may not name backing or data files")
     b.add_argument("-c", "--compress", action="store_true", help="write compressed qcow2 images")
     b.add_argument("--on-agent-failure", choices=AGENT_FAILURE_POLICIES, default="fail",
                    help="without a working freeze: fail (default), or take a crash-consistent backup")
@@ -81,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar (default: when stderr is a terminal)")
     b.add_argument("-q", "--quiet", action="store_true", help="no step messages on stderr")
     b.add_argument("target_dir", type=Path, metavar="TARGET_DIR")
+    b.set_defaults(format_used=True)
 
     r = sub.add_parser("restore", help="write the disk images of a backup back out")
     r.add_argument("-O", dest="out_format", default="qcow2", choices=("qcow2", "raw"),
@@ -121,11 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_backup(args: argparse.Namespace) -> int:
     from hostclient.backup import Ui, run_backup
     from hostclient.interrupt import CancelToken, cancel_on_signals
+    if args.image_format is not None and not args.format_used:
+        raise ConfigError(f"--format {args.image_format} is followed by no --image "
+                          "(--format applies to the --image options after it)")
     timeouts = Timeouts(freeze=args.freeze_timeout, thaw=args.thaw_timeout,
                         commit=args.commit_timeout)
     cfg = BackupConfig(
         target_dir=args.target_dir, qmp=args.qmp, agent=args.agent,
-        images=tuple(Path(p) for p in args.image), disks=tuple(args.disk),
+        images=tuple(ImageSpec(Path(p), fmt) for p, fmt in args.image), disks=tuple(args.disk),
         mountpoints=tuple(args.mountpoint), compress=args.compress,
         on_agent_failure=args.on_agent_failure, overlay_dir=args.overlay_dir,
         timeouts=timeouts, json=args.json, progress=args.progress)

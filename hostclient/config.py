@@ -36,13 +36,25 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """An image of a stopped VM and its format (None: guessed from the content)."""
+
+    path: Path
+    format: str | None = None
+
+
+@dataclass(frozen=True)
 class BackupConfig:
-    """``quiesce backup``: a running VM (qmp set) or stopped images (images set)."""
+    """``quiesce backup``: a running VM (qmp set) or stopped images (images set).
+
+    ``images`` holds ImageSpecs; a plain path is taken as an ImageSpec with
+    its format to be guessed.
+    """
 
     target_dir: Path
     qmp: str | None = None
     agent: str | None = None
-    images: tuple[Path, ...] = ()
+    images: tuple[ImageSpec, ...] = ()
     disks: tuple[str, ...] = ()
     mountpoints: tuple[str, ...] = ()
     compress: bool = False
@@ -53,6 +65,8 @@ class BackupConfig:
     progress: bool | None = None          # None: on a terminal only
 
     def __post_init__(self) -> None:
+        specs = tuple(i if isinstance(i, ImageSpec) else ImageSpec(Path(i)) for i in self.images)
+        object.__setattr__(self, "images", specs)
         if self.qmp and self.images:
             raise ConfigError("use either --qmp (running VM) or --image (stopped VM), not both")
         if not self.qmp and not self.images:
@@ -65,7 +79,8 @@ class BackupConfig:
         if self.qmp and not self.agent and self.on_agent_failure == "fail":
             raise ConfigError("no --agent given: pass the guest agent socket for a consistent "
                               "backup, or --on-agent-failure crash-consistent to go without")
-        if len(set(self.images)) != len(self.images):
+        paths = [i.path for i in self.images]
+        if len(set(paths)) != len(paths):
             raise ConfigError("the same --image is given twice")
 
     @property

@@ -148,14 +148,108 @@ def virtual_size(path: str, fmt: str | None = None) -> int:
         raise _wrap(f"opening {path}", exc) from None
 
 
-def image_format(path: str) -> tuple[str, int]:
-    """(format, virtual size) of an image, probing its format as qemu-img does."""
-    from imagetools.image import open_image
+# ------------------------------------------------------------ formats
+
+
+@dataclass(frozen=True)
+class ChainLevel:
+    """One image of a backing chain, as the engine opens it."""
+
+    filename: str                 # as the engine opens it (backing names resolved)
+    format: str
+    guessed: bool                 # format probed from the content, not stated
+    virtual_size: int
+    backing: str | None = None    # backing file name recorded in it
+    backing_format: str | None = None
+    data_file: str | None = None  # qcow2 external data file recorded in it
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An image and its backing files, top first, and whether it is safe to read.
+
+    ``refused`` says why the engine must not read it: a format guessed from
+    the content (which a guest can write: a raw disk may hold anything)
+    that would make the engine open other host files. The chain is not
+    followed past that level.
+    """
+
+    levels: tuple[ChainLevel, ...]
+    refused: str | None = None
+
+    @property
+    def top(self) -> ChainLevel:
+        return self.levels[0]
+
+    def warnings(self) -> list[str]:
+        return [f"{lv.filename}: format {lv.format} guessed from its content; state it "
+                f"(--format {lv.format}, or a backing format recorded in its overlay) so a raw "
+                f"disk whose guest wrote a {lv.format} header can never be misread"
+                for lv in self.levels if lv.guessed and lv.format != "raw"]
+
+
+#: formats whose guessed (probed) headers are followed at all: raw has no
+#: references to other files; qcow2 ones are checked below. Others (vmdk
+#: descriptors name extent files, ...) need their format stated.
+GUESSABLE = ("raw", "qcow2")
+MAX_CHAIN = 64
+
+
+def openable_formats() -> list[str]:
+    from imagetools.formats import drivers
+    return sorted(name for name, drv in drivers().items() if getattr(drv, "can_open", True))
+
+
+def image_chain(path: str, fmt: str | None = None, *, follow_guesses: bool = False) -> Chain:
+    """Open ``path`` (format ``fmt``, or probed when None) and its backing
+    files one level at a time, without reading guest data.
+
+    A level whose format is guessed may not lead anywhere else: guessed
+    formats other than raw and qcow2, and a guessed qcow2 with a backing or
+    data file, stop the walk with ``refused`` set, unless ``follow_guesses``
+    (a running VM, where QEMU's own view of the chain is the judge).
+    """
+    from imagetools.image import open_image, read_probe_header, resolve_backing_path
+    levels: list[ChainLevel] = []
+    name, level_fmt = path, fmt
     try:
-        with open_image(path) as drv:
-            return drv.format_name, drv.size
+        while True:
+            guessed = level_fmt is None
+            if guessed:
+                level_fmt = read_probe_header(name)[0]
+                if level_fmt not in GUESSABLE and not follow_guesses:
+                    return Chain((*levels, ChainLevel(name, level_fmt, True, 0)), _refusal(
+                        name, level_fmt, "its format was guessed from its content", levels))
+            with open_image(name, level_fmt, open_backing=False, force_share=True) as drv:
+                level = ChainLevel(name, drv.format_name, guessed, drv.size,
+                                   drv.backing_filename or None, drv.backing_format or None,
+                                   drv.data_filename or None)
+            levels.append(level)
+            if guessed and (level.backing or level.data_file) and not follow_guesses:
+                what = (f"its content names the backing file {level.backing!r}" if level.backing
+                        else f"its content names the data file {level.data_file!r}")
+                return Chain(tuple(levels), _refusal(name, level.format, what, levels[:-1]))
+            if not level.backing:
+                return Chain(tuple(levels))
+            if len(levels) >= MAX_CHAIN:
+                raise EngineError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
+            name = resolve_backing_path(name, level.backing)
+            level_fmt = level.backing_format
+    except HostClientError:
+        raise
     except _image_errors() as exc:
-        raise _wrap(f"opening {path}", exc) from None
+        raise _wrap(f"opening {name}", exc) from None
+
+
+def _refusal(name: str, fmt: str, what: str, above: list[ChainLevel]) -> str:
+    if not above:
+        return (f"{name} looks like a {fmt} image, but {what}, and a guest can write anything "
+                f"into a raw disk; quiesce does not follow that: if it really is {fmt}, say so "
+                f"with --format {fmt} (or --format raw to copy it as raw)")
+    return (f"{name}, the backing file of {above[-1].filename}, has no format recorded and "
+            f"looks like {fmt}, but {what}; quiesce does not follow a chain guessed from "
+            f"content: record its format with `qemu-img rebase -u -F {fmt} "
+            f"-b {above[-1].backing} {above[-1].filename}`")
 
 
 def content_sha256(path: str, fmt: str, check: Callable[[], None] | None = None) -> str:

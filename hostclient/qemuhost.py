@@ -70,16 +70,17 @@ class QemuProcess:
             return cls(pid, None, opened, f"QEMU's working directory was deleted ({cwd})")
         return cls(pid, cwd, opened)
 
-    def resolve(self, name: str, disk: str) -> str:
-        """The host path of the image QEMU calls ``name`` (for disk ``disk``)."""
+    def resolve(self, name: str, what: str) -> str:
+        """The host path of the image QEMU calls ``name``; ``what`` names it in
+        errors ("disk vda", "disk vda's backing file")."""
         if os.path.isabs(name):
             if self.open_files is not None and _file_id(name) not in self.open_files:
                 raise BackupError(
-                    f"disk {disk}: {name} is not the file QEMU has open (renamed or replaced "
+                    f"{what}: {name} is not the file QEMU has open (renamed or replaced "
                     "since QEMU opened it, or QEMU runs in another mount namespace); "
                     "refusing to back up a different file")
             return name
-        head = (f"disk {disk}: QEMU names its image by the relative path {name!r}, relative to "
+        head = (f"{what}: QEMU names the image by the relative path {name!r}, relative to "
                 "the directory QEMU was started in")
         if self.cwd is None or self.open_files is None:
             raise BackupError(f"{head}, and {self.problem}; {ABSOLUTE_HINT}")

@@ -221,6 +221,8 @@ class BlockDisk:
     backing_file: str | None
     path: str = ""        # that file's host path ("" when unknown: see path_problem)
     path_problem: str | None = None
+    #: the images below the top one as QEMU reads them: (QEMU's name, format)
+    backing_chain: tuple[tuple[str, str], ...] = ()
 
     @property
     def target(self) -> dict[str, str]:
@@ -252,23 +254,32 @@ def list_disks(mon: Monitor) -> list[BlockDisk]:
         device = entry.get("device", "")
         name = safe_name(_qdev_id(qdev) or device or node)
         filename = inserted.get("file", "")
-        path, problem = host_path(qemu, filename, name)
+        path, problem = host_path(qemu, filename, f"disk {name}")
         disks.append(BlockDisk(
             name=name, device=device, qdev=qdev, node=node,
             format=inserted.get("drv", ""), filename=filename,
             virtual_size=int(image.get("virtual-size", 0)), read_only=bool(inserted.get("ro")),
             backing_file=inserted.get("backing_file") or image.get("backing-filename"),
-            path=path, path_problem=problem,
+            path=path, path_problem=problem, backing_chain=_backing_chain(image),
         ))
     return disks
 
 
-def host_path(qemu: QemuProcess, filename: str, disk: str) -> tuple[str, str | None]:
-    """(host path, "") or ("", why not) for an image name QEMU reports."""
+def _backing_chain(image: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    chain = []
+    below = image.get("backing-image")
+    while below:
+        chain.append((below.get("filename", ""), below.get("format", "")))
+        below = below.get("backing-image")
+    return tuple(chain)
+
+
+def host_path(qemu: QemuProcess, filename: str, what: str) -> tuple[str, str | None]:
+    """(host path, None) or ("", why not) for an image name QEMU reports."""
     if not filename or filename.startswith("json:"):
         return "", f"its image is not a plain file ({filename[:60]})"
     try:
-        return qemu.resolve(filename, disk), None
+        return qemu.resolve(filename, what), None
     except BackupError as exc:
         return "", str(exc)
 

@@ -40,7 +40,7 @@ def stranded_overlays(mon: Monitor) -> list[Overlay]:
             raise BackupError(f"drive {top.name} runs on overlay {top.filename} but its base "
                               f"{backing!r} is not an open qcow2/raw node; commit it by hand")
         filename = base.get("file", "")
-        path, problem = host_path(qemu, filename, top.name)
+        path, problem = host_path(qemu, filename, f"disk {top.name}'s base image")
         disk = BlockDisk(name=top.name, device=top.device, qdev=top.qdev, node=base["node-name"],
                          format=base.get("drv", ""), filename=filename,
                          virtual_size=top.virtual_size, read_only=False, backing_file=None,

@@ -92,7 +92,7 @@ class QemuImgEngine:
         import hostclient.backup as backup
         import hostclient.restore as restore
         for module in (backup, restore):
-            for name in ("copy_image", "verify_copy", "content_sha256", "image_format",
+            for name in ("copy_image", "verify_copy", "content_sha256",
                          "check_image", "virtual_size"):
                 if hasattr(module, name):
                     monkeypatch.setattr(module, name, getattr(self, name))

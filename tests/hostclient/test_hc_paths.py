@@ -8,6 +8,7 @@ and must refuse when it cannot tell which file QEMU has open.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def test_a_renamed_image_is_refused_not_guessed(paused_vm, fake_agent, elsewhere
     paused_vm.start(RELATIVE_DRIVE, cwd=paused_vm.workdir)
     os.rename(paused_vm.workdir / "a.qcow2", paused_vm.workdir / "moved.qcow2")
     make_image(qemu_img, paused_vm.workdir / "a.qcow2", b"X")
-    with pytest.raises(BackupError, match=r"disk-a: QEMU names its image by the relative path "
+    with pytest.raises(BackupError, match=r"disk disk-a: QEMU names the image by the relative path "
                                           r"'a\.qcow2'.*start QEMU with absolute image paths"):
         run_backup(backup_config(paused_vm, fake_agent, elsewhere / "backups"))
     assert not (elsewhere / "backups").exists() or not any((elsewhere / "backups").iterdir())
@@ -158,3 +159,55 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+@pytest.fixture
+def vm_on_a_chain(paused_vm, qemu_img):
+    """A running disk top.qcow2 on base.qcow2 (B at 1 MiB), and bas2.qcow2 (N)."""
+    base = make_image(qemu_img, paused_vm.workdir / "base.qcow2", b"B")
+    make_image(qemu_img, paused_vm.workdir / "bas2.qcow2", b"N")
+    top = paused_vm.workdir / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    paused_vm.start(paused_vm.blockdev("t", top, "qcow2", "disk-t"))
+    return paused_vm
+
+
+def test_a_replaced_backing_file_is_refused(vm_on_a_chain, fake_agent, elsewhere):
+    """The base was replaced on disk after QEMU opened it: the guest still
+    reads the old one; a copy following the header would hold the new one."""
+    work = vm_on_a_chain.workdir
+    os.rename(work / "base.qcow2", work / "old-base.qcow2")
+    os.rename(work / "bas2.qcow2", work / "base.qcow2")
+    with pytest.raises(BackupError, match=r"disk disk-t's backing file: .*/base\.qcow2 is not the "
+                                          r"file QEMU has open"):
+        run_backup(backup_config(vm_on_a_chain, fake_agent, elsewhere / "backups"))
+    assert "guest-fsfreeze-freeze" not in fake_agent.received
+
+
+def test_a_backing_chain_qemu_does_not_read_is_refused(vm_on_a_chain, fake_agent, elsewhere):
+    """The top's header was changed to name another base while QEMU runs on
+    the first: the guest reads base.qcow2, the header leads to bas2.qcow2."""
+    top = vm_on_a_chain.workdir / "top.qcow2"
+    header = top.read_bytes()[:65536]
+    at = header.index(str(vm_on_a_chain.workdir / "base.qcow2").encode())
+    with open(top, "r+b") as f:
+        f.seek(at)
+        f.write(str(vm_on_a_chain.workdir / "bas2.qcow2").encode())
+    with pytest.raises(BackupError, match=r"disk disk-t: QEMU reads it through the backing chain "
+                                          r".*/base\.qcow2 \(qcow2\), but the image headers lead "
+                                          r"to .*/bas2\.qcow2 \(qcow2\); .* refusing"):
+        run_backup(backup_config(vm_on_a_chain, fake_agent, elsewhere / "backups"))
+    assert "guest-fsfreeze-freeze" not in fake_agent.received
+
+
+def test_a_relative_backing_chain_is_the_one_qemu_reads(paused_vm, fake_agent, elsewhere, qemu_img):
+    make_image(qemu_img, paused_vm.workdir / "base.qcow2", b"B")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    "a.qcow2"], check=True, cwd=paused_vm.workdir)
+    make_image(qemu_img, elsewhere / "base.qcow2", b"D")
+    paused_vm.start(RELATIVE_DRIVE, cwd=paused_vm.workdir)
+    result = run_backup(backup_config(paused_vm, fake_agent, Path("backups")))
+    assert result.exit_code == 0, result.manifest.errors
+    copy = elsewhere / result.directory / result.manifest.disks[0].file
+    assert read_at(qemu_img, copy, 1 << 20, 4) == b"BBBB"
