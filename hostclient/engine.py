@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from hostclient.durable import sync_file
 from hostclient.errors import EngineError, HostClientError, VerifyError
 
 CHUNK = 4 << 20
@@ -69,6 +70,8 @@ def copy_image(source: str, source_format: str, target: Path, *, out_format: str
                compress: bool = False, progress: Progress | None = None) -> CopyStats:
     """Copy the guest-visible content of ``source`` to a new image ``target``.
 
+    The copy is on disk (fsynced, with its directory entry) when this
+    returns: the engine itself writes without flushing.
     ``progress(done, total)`` may raise (Interrupted) to stop the copy; the
     partial target is then removed and the exception propagates.
     """
@@ -84,6 +87,11 @@ def copy_image(source: str, source_format: str, target: Path, *, out_format: str
         target.unlink(missing_ok=True)
         raise _wrap(f"copying {source}", exc) from None
     except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    try:
+        sync_file(target)
+    except HostClientError:
         target.unlink(missing_ok=True)
         raise
     seconds = time.monotonic() - started

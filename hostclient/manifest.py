@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from hostclient import __version__
+from hostclient.durable import sync_dir
 from hostclient.errors import BackupError
 
 FORMAT = "quiesce-backup"
@@ -154,7 +155,8 @@ def new_backup_dir(target: Path) -> tuple[str, Path]:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write manifest.json atomically (temporary file, fsync, rename)."""
+    """Write manifest.json atomically (temporary file, fsync, rename), then
+    flush the backup directory and the target directory's entry for it."""
     path = directory / MANIFEST
     tmp = directory / f".{MANIFEST}.tmp"
     data = json.dumps(manifest.to_json(), indent=2) + "\n"
@@ -164,13 +166,10 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except OSError as exc:
         raise BackupError(f"cannot write {path}: {exc.strerror}") from None
+    sync_dir(directory)
+    sync_dir(directory.parent)
     return path
 
 

@@ -8,16 +8,20 @@ bytes, so a restored disk is proved to be the disk that was backed up.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from hostclient.config import ListConfig, RestoreConfig, VerifyConfig
-from hostclient.engine import check_image, content_sha256, copy_image, virtual_size
+from hostclient.durable import sync_dir
+from hostclient.engine import check_image, content_sha256, copy_image, image_chain, virtual_size
 from hostclient.errors import BackupError, HostClientError, Interrupted, VerifyError
 from hostclient.interrupt import CancelToken
 from hostclient.manifest import MANIFEST, DiskRecord, Manifest, read_manifest
 from hostclient.progress import ProgressBar, human_bytes
+from hostclient.qemuhost import same_file
 
 
 def _complete(directory: Path) -> Manifest:
@@ -44,7 +48,13 @@ def _select(manifest: Manifest, wanted: tuple[str, ...]) -> list[DiskRecord]:
 
 def restore(cfg: RestoreConfig, cancel: CancelToken | None = None,
             info: Callable[[str], None] = lambda m: None) -> list[Path]:
-    """Write the backup's disks to DEST_DIR; each is checked against its sha256."""
+    """Write the backup's disks to DEST_DIR; each is checked against its sha256.
+
+    Every disk is first written to a temporary file next to its target,
+    flushed and checked; only when all are good are they renamed over the
+    targets, so a failed or interrupted restore leaves existing files as
+    they were.
+    """
     cancel = cancel or CancelToken()
     manifest = _complete(cfg.backup_dir)
     disks = _select(manifest, cfg.disks)
@@ -52,39 +62,75 @@ def restore(cfg: RestoreConfig, cancel: CancelToken | None = None,
         cfg.dest_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BackupError(f"cannot create {cfg.dest_dir}: {exc.strerror}") from None
-    plan = []
-    for disk in disks:
-        dest = cfg.dest_dir / f"{disk.name}.{cfg.out_format}"
-        if dest.exists() and not cfg.force:
-            raise BackupError(f"{dest} exists; pass --force to overwrite it")
-        plan.append((disk, dest))
-    written = []
+    plan = [(disk, _target(cfg, manifest, disk)) for disk in disks]
+    token = secrets.token_hex(4)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for disk, dest in plan:
+            temp = dest.with_name(f".{dest.name}.quiesce-restore-{token}.tmp")
+            staged.append((temp, dest))
+            _write_checked(cfg, disk, temp, cancel)
+        for temp, dest in staged:
+            os.replace(temp, dest)
+        sync_dir(cfg.dest_dir)
+    except OSError as exc:
+        raise BackupError(f"cannot put the restored disk in place: {exc.strerror or exc}") from None
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
     for disk, dest in plan:
-        source = cfg.backup_dir / disk.file
-        if dest.exists():
-            dest.unlink()
-        bar = ProgressBar(f"restoring {disk.name}", enabled=cfg.progress)
-
-        def progress(done: int, total: int) -> None:
-            cancel.check()
-            bar.update(done, total)
-
-        try:
-            copy_image(str(source), disk.format, dest, out_format=cfg.out_format, progress=progress)
-            bar.finish()
-            cancel.check()
-            digest = content_sha256(str(dest), cfg.out_format, cancel.check)
-        except (Interrupted, HostClientError):
-            bar.finish()
-            dest.unlink(missing_ok=True)
-            raise
-        if disk.sha256 and digest != disk.sha256:
-            dest.unlink(missing_ok=True)
-            raise VerifyError(f"restored {disk.name} does not match the backup's checksum "
-                              f"({digest} != {disk.sha256})")
         info(f"restored {disk.name} to {dest} (sha256 verified)")
-        written.append(dest)
-    return written
+    return [dest for _, dest in plan]
+
+
+def _target(cfg: RestoreConfig, manifest: Manifest, disk: DiskRecord) -> Path:
+    """Where ``disk`` goes; refuses to overwrite without --force, and ever to
+    overwrite the backup itself."""
+    dest = cfg.dest_dir / f"{disk.name}.{cfg.out_format}"
+    if not (dest.exists() or dest.is_symlink()):
+        return dest
+    own = [cfg.backup_dir / MANIFEST, *(cfg.backup_dir / d.file for d in manifest.disks)]
+    if any(same_file(str(dest), str(path)) for path in own):
+        raise BackupError(f"{dest} is a file of the backup itself; restore to another directory")
+    if dest.is_dir():
+        raise BackupError(f"{dest} is a directory")
+    if not cfg.force:
+        raise BackupError(f"{dest} exists; pass --force to overwrite it")
+    return dest
+
+
+def _write_checked(cfg: RestoreConfig, disk: DiskRecord, temp: Path, cancel: CancelToken) -> None:
+    """Convert one disk of the backup to ``temp`` (synced), and prove its
+    content is the one the manifest describes."""
+    source = cfg.backup_dir / disk.file
+    standalone(source, disk.format)
+    bar = ProgressBar(f"restoring {disk.name}", enabled=cfg.progress)
+
+    def progress(done: int, total: int) -> None:
+        cancel.check()
+        bar.update(done, total)
+
+    try:
+        copy_image(str(source), disk.format, temp, out_format=cfg.out_format, progress=progress)
+    finally:
+        bar.finish()
+    cancel.check()
+    digest = content_sha256(str(temp), cfg.out_format, cancel.check)
+    if disk.sha256 and digest != disk.sha256:
+        raise VerifyError(f"restored {disk.name} does not match the backup's checksum "
+                          f"({digest} != {disk.sha256})")
+
+
+def standalone(path: Path, fmt: str) -> None:
+    """A backup image is one self-contained file: one naming a backing or
+    data file was not written by quiesce, and is not followed."""
+    if not path.exists():
+        raise BackupError(f"{path} is missing")
+    top = image_chain(str(path), fmt).top
+    if top.backing or top.data_file:
+        other = top.backing or top.data_file
+        raise VerifyError(f"{path} names another file ({other!r}); a quiesce backup image "
+                          "stands alone, refusing to read it")
 
 
 # ---------------------------------------------------------------- verify
@@ -112,6 +158,7 @@ def _verify_disk(directory: Path, disk: DiskRecord, cancel: CancelToken) -> Disk
     if not path.exists():
         return DiskVerdict(disk.name, False, f"{disk.file} is missing")
     try:
+        standalone(path, disk.format)
         check_image(path)
         size = virtual_size(str(path), disk.format)
         if size != disk.virtual_size:

@@ -127,3 +127,61 @@ def test_restore_raw_and_qcow2(backups, tmp_path, qemu_img, capsys):
     assert main(["restore", "--disk", "a", "--force", "-O", "raw", str(good), str(dest)]) == 0
     assert main(["restore", "--disk", "zzz", str(good), str(dest)]) == 1
     assert "no disk 'zzz'" in capsys.readouterr().err
+
+
+def test_restore_force_onto_the_backup_itself_is_refused(backups, capsys):
+    _, good, _, _ = backups
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    assert main(["restore", "--force", str(good), str(good)]) == 1
+    assert capsys.readouterr().err == (f"quiesce: {good}/a.qcow2 is a file of the backup itself; "
+                                       "restore to another directory\n")
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert main(["verify", str(good)]) == 0
+
+
+def test_a_failed_restore_leaves_the_existing_disk_alone(backups, tmp_path, capsys, monkeypatch):
+    import hostclient.restore as restore
+    _, good, _, engine = backups
+    dest = tmp_path / "vm"
+    dest.mkdir()
+    (dest / "a.raw").write_bytes(b"the disk in use")
+    (dest / "b.raw").write_bytes(b"the other disk")
+    monkeypatch.setattr(restore, "content_sha256", lambda path, fmt, check=None: "0" * 64)
+    assert main(["restore", "--force", "-O", "raw", str(good), str(dest)]) == 1
+    assert "restored a does not match the backup's checksum" in capsys.readouterr().err
+    assert (dest / "a.raw").read_bytes() == b"the disk in use"
+    assert (dest / "b.raw").read_bytes() == b"the other disk"
+    assert sorted(p.name for p in dest.iterdir()) == ["a.raw", "b.raw"]     # no temporary left
+
+
+def test_an_interrupted_restore_leaves_the_existing_disk_alone(backups, tmp_path):
+    from hostclient.config import RestoreConfig
+    from hostclient.errors import Interrupted
+    from hostclient.interrupt import CancelToken
+    from hostclient.restore import restore
+    _, good, _, engine = backups
+    dest = tmp_path / "vm"
+    dest.mkdir()
+    (dest / "a.raw").write_bytes(b"the disk in use")
+    token = CancelToken()
+    engine.during_copy = lambda source: token.cancel()
+    with pytest.raises(Interrupted):
+        restore(RestoreConfig(good, dest, "raw", force=True), token)
+    assert sorted(p.name for p in dest.iterdir()) == ["a.raw"]
+    assert (dest / "a.raw").read_bytes() == b"the disk in use"
+
+
+def test_restore_refuses_a_backup_image_that_names_another_file(backups, tmp_path, qemu_img,
+                                                                 capsys):
+    """A backup image is self-contained; one edited to name a backing file
+    (here: a host file) is not followed by restore or verify."""
+    _, good, _, _ = backups
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * (8 << 20))
+    subprocess.run([qemu_img, "rebase", "-q", "-u", "-b", str(secret), "-F", "raw",
+                    str(good / "a.qcow2")], check=True)
+    assert main(["restore", "--disk", "a", "-O", "raw", str(good), str(tmp_path / "r")]) == 1
+    assert f"names another file ('{secret}')" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "a.raw").exists()
+    assert main(["verify", str(good)]) == 1
+    assert "a: FAILED" in capsys.readouterr().out
