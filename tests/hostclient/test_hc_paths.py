@@ -211,3 +211,26 @@ def test_a_relative_backing_chain_is_the_one_qemu_reads(paused_vm, fake_agent, e
     assert result.exit_code == 0, result.manifest.errors
     copy = elsewhere / result.directory / result.manifest.disks[0].file
     assert read_at(qemu_img, copy, 1 << 20, 4) == b"BBBB"
+
+
+def test_recover_removes_the_overlay_qemu_used_not_a_namesake(paused_vm, elsewhere, qemu_img,
+                                                              capsys):
+    """An overlay QEMU knows by a relative name (as older quiesce versions made
+    them): recover commits it and deletes that file, in QEMU's directory; a
+    file of the same name in the user's directory is left alone."""
+    from hostclient.cli import main
+    make_image(qemu_img, paused_vm.workdir / "a.qcow2", b"A")
+    paused_vm.start(RELATIVE_DRIVE, cwd=paused_vm.workdir)
+    name = "a.qcow2.quiesce-old-0.qcow2"
+    with Monitor(paused_vm.qmp) as mon:
+        mon.execute("blockdev-snapshot-sync", {"device": "drive-a", "snapshot-file": name,
+                                               "snapshot-node-name": "quiesce-old-0",
+                                               "format": "qcow2"})
+    assert (paused_vm.workdir / name).exists()
+    (elsewhere / name).write_bytes(b"not an overlay: the user's file")
+    assert main(["recover", "--qmp", paused_vm.qmp]) == 0
+    assert "removed" in capsys.readouterr().err
+    assert not (paused_vm.workdir / name).exists()
+    assert (elsewhere / name).read_bytes() == b"not an overlay: the user's file"
+    with Monitor(paused_vm.qmp) as mon:
+        assert not list_disks(mon)[0].node.startswith("quiesce-")
