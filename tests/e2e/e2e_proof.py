@@ -37,9 +37,9 @@ class ProofReport:
     checks: list[str] = field(default_factory=list)
 
 
-def quiesce(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def quiesce(*argv: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hostclient", *argv], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, cwd=cwd)
 
 
 def run_proof(workdir: Path, *, agent: str = "qga", disk_size: str = "128M",

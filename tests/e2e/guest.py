@@ -85,6 +85,7 @@ class GuestSpec:
     memory_mb: int = 512
     smp: int = 1
     ninep_cache: str = "loose"
+    qemu_cwd: Path | None = None           # QEMU's working directory (relative disk images)
 
 
 def make_ext4_qcow2(path: Path, size: str = "256M", qemu_img: str = "qemu-img") -> Path:
@@ -201,7 +202,8 @@ class Guest:
         (self.workdir / "run.sh").write_text(self.run_script())
         started = time.monotonic()
         self.process = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        cwd=self.spec.qemu_cwd)
         self.run("true", timeout=timeout)
         if self.spec.agent:
             self.wait_agent(timeout=max(5.0, timeout - (time.monotonic() - started)))

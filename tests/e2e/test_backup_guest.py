@@ -165,3 +165,44 @@ def test_freeze_and_thaw_failing_in_a_real_guest(agent_name, guest_image, ext4_q
         assert [e["step"] for e in m["errors"]] == ["thaw"]
         assert "hook has failed" in m["errors"][0]["message"]
         assert_guest_fine()
+
+
+@pytest.mark.timeout(180)
+def test_a_guest_disk_qemu_names_by_a_relative_path(guest_image, tmp_path, qemu_system, qemu_img):
+    """QEMU started in the VM's directory with `file=data.qcow2`; quiesce run
+    from another directory that holds a data.qcow2 of its own. The backup is
+    the guest's disk (its writer's files are in it), the namesake is untouched,
+    and the overlay lived and died next to the guest's image."""
+    import hashlib
+    import json
+
+    from e2e_proof import quiesce
+    from guest import DataDisk, GuestSpec, boot_guest, make_ext4_qcow2, raw_qmp, \
+        verify_ext4_backup
+
+    vmdir, user = tmp_path / "vm", tmp_path / "user"
+    vmdir.mkdir()
+    user.mkdir()
+    make_ext4_qcow2(vmdir / "data.qcow2", "64M", qemu_img)
+    namesake = make_ext4_qcow2(user / "data.qcow2", "64M", qemu_img)
+    namesake_sum = hashlib.sha256(namesake.read_bytes()).hexdigest()
+    spec = GuestSpec(agent="qemu-ga", disks=(DataDisk(Path("data.qcow2")),), writer_dir="/data/w",
+                     qemu_cwd=vmdir)
+    with boot_guest(spec, qemu=qemu_system, image=guest_image) as guest:
+        guest.wait_writer(5)
+        out = quiesce("backup", "--qmp", str(guest.qmp_socket), "--agent", str(guest.agent_socket),
+                      "--json", "--no-progress", "backups", cwd=user)
+        assert out.returncode == 0, out.stderr
+        m = json.loads(out.stdout)
+        assert m["quiesced"] and m["disks"][0]["source"] == str(vmdir / "data.qcow2")
+        top = raw_qmp(guest.qmp_socket, [{"execute": "query-block"}])[0]["return"]
+        assert [(b["inserted"]["node-name"], b["inserted"]["file"])
+                for b in top if b.get("inserted")] == [("data0", "data.qcow2")]
+        assert not [p for d in (vmdir, user) for p in d.iterdir() if ".quiesce-" in p.name]
+        guest.wait_writer(guest.writer_progress() + 2)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fs = verify_ext4_backup(user / "backups" / m["backup_id"] / m["disks"][0]["file"], "/w",
+                            scratch, qemu_img)
+    assert fs.files_verified >= 5 and fs.bad_files == []
+    assert hashlib.sha256(namesake.read_bytes()).hexdigest() == namesake_sum
