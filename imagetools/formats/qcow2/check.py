@@ -23,14 +23,13 @@ and the computed refcounts live in a compact array.
 from __future__ import annotations
 
 from array import array
-from itertools import compress
 
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.layout import (
     COMPRESSED, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     NORMAL, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
     UNALLOCATED_PLAIN, ZERO_ALLOC)
-from imagetools.formats.qcow2.tables import _NATIVE_LE, read_be64_array
+from imagetools.formats.qcow2.tables import plain_entries, read_be64_array
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -39,16 +38,7 @@ if TYPE_CHECKING:
     from imagetools.formats.qcow2.driver import Qcow2Driver
 
 REFT_RESERVED_MASK = 0x1FF
-_MASKED: dict[int, bytes] = {}
 _ONES = (1).to_bytes(8, "little")
-
-
-def _masked(mask: int) -> bytes:
-    """The bytes.translate table byte -> byte & mask (made when first used)."""
-    table = _MASKED.get(mask)
-    if table is None:
-        table = _MASKED[mask] = bytes(b & mask for b in range(256))
-    return table
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 QCOW_MAX_L1_SIZE = hdr.QCOW_MAX_L1_SIZE
@@ -398,39 +388,19 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
               words: array, active: bool) -> bool:
     """Count an L2 table in whole-table passes if nothing in it needs a rule.
 
-    Qualifies a table of standard entries where every entry is unallocated,
-    data or a zero cluster, with no compressed or reserved bits, aligned
-    host offsets inside the file, and refcounts of 8 bits or more. The
-    tests run on the entries' bytes (flag byte, low byte, alignment bits)
-    at C speed, the cluster indices come from shifted bytes, and only the
-    refcount increments are a Python loop. Returns False (nothing changed)
-    when the table needs the entry-by-entry walk.
+    Qualifies a plain table (:func:`~.tables.plain_entries`: unallocated,
+    data or zero clusters, nothing compressed, reserved or unaligned) whose
+    host clusters are inside the file, with refcounts of 8 bits or more;
+    only the refcount increments are a Python loop. Returns False (nothing
+    changed) when the table needs the entry-by-entry walk.
     """
-    if drv.layout.refcount_bits < 8 or not _NATIVE_LE:
+    if drv.layout.refcount_bits < 8:
         return False
-    raw = words.tobytes()
-    n = len(words)
-    flags = raw[7::8]
-    if flags.translate(None, b"\x00\x80") or raw[0::8].translate(None, b"\x00\x01"):
-        return False                 # compressed, reserved bits: the full rules
+    plain = plain_entries(words, drv.cluster_bits)
+    if plain is None:
+        return False                 # compressed, reserved or unaligned: the full rules
+    ks, flags, _ = plain
     cbits = drv.cluster_bits
-    below = (1 << (cbits - 8)) - 1   # reserved bit 8 and the alignment bits
-    zeros = bytes(n)
-    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
-        return False
-    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
-        return False
-    # cluster index = entry bits cbits..55: move bytes cbits//8..6 of every
-    # entry down, then shift all the entries at once as one big integer (the
-    # alignment bits that cross into the next entry down are zero)
-    shift = cbits // 8
-    moved = bytearray(len(raw))
-    for j in range(7 - shift):
-        moved[j::8] = raw[j + shift::8]
-    if cbits % 8:
-        moved = (int.from_bytes(moved, "little") >> (cbits % 8)).to_bytes(len(raw), "little")
-    indices = array("Q", moved)
-    ks = list(filter(None, indices))    # entries with a host cluster
     if not ks:
         return True
     top = max(ks)
@@ -449,7 +419,7 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     if active:
         res.allocated_clusters += len(ks)
         res.fragmented_clusters += _discontiguous(ks)
-        counter.plain_l2[l2_offset] = (ks, bytes(compress(flags, indices)))
+        counter.plain_l2[l2_offset] = (ks, flags)
     return True
 
 

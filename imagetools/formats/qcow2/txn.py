@@ -37,13 +37,16 @@ from __future__ import annotations
 import errno
 import struct
 from array import array
+from itertools import compress
+from operator import gt as _gt
 
 from imagetools.errors import CorruptImageError, ImageIOError
 from imagetools.formats.base import SnapshotInfo
 from imagetools.formats.qcow2.layout import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK)
-from imagetools.formats.qcow2.tables import be64_bytes, read_be64_array
+from imagetools.formats.qcow2.tables import (be64_bytes, plain_entries, read_be64_array,
+                                             with_copied)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,9 +97,10 @@ class Txn:
         rc = self.drv.refcounts
         entries = self.layout.refblock_entries
         flat = array(rc._code)
-        present = [i for i in range(len(rc.table)) if rc.block_offset(i)]
+        last = max(compress(range(len(rc.table)), map(REFT_OFFSET_MASK.__and__, rc.table)),
+                   default=-1)
         zero = array(rc._code, bytes(flat.itemsize * entries))
-        for index in range(present[-1] + 1 if present else 0):
+        for index in range(last + 1):
             blk = rc._load(index)
             flat.extend(zero if blk is None else blk.values[:entries])
         return flat
@@ -156,6 +160,11 @@ class Txn:
                 continue
             self.add(l2_offset >> cbits, delta)
             words = self.l2_values(l2_offset)
+            if step == 1 and not has_data_file:
+                plain = plain_entries(words, cbits)
+                if plain is not None:           # the common table: whole-table passes
+                    self._add_many(plain[0], delta)
+                    continue
             entries = words[::step] if step > 1 else words
             special = [e for e in entries if e & odd]
             for entry in special:
@@ -223,6 +232,12 @@ class Txn:
                 continue
             seen.add(l2_offset)
             words = self.l2_values(l2_offset)
+            if step == 1 and not data_file:
+                new = self._plain_copied(words, counts)
+                if new is not None:
+                    if new is not words:
+                        self.l2[l2_offset] = new
+                    continue
             entries = words[::step] if step > 1 else words
             if data_file:
                 want = [e | copied if (e & mask or e & copied) and not e & compressed else e
@@ -239,6 +254,27 @@ class Txn:
                 full[::step] = new
                 new = full
             self.l2[l2_offset] = new
+
+    def _plain_copied(self, words: array, counts: array) -> array | None:
+        """fix_active_copied for a plain table where the answer is the same for
+        every entry with a host cluster (all refcounts 1: COPIED everywhere,
+        none 1: nowhere -- what snapshot -c, -d and -a leave): the table
+        itself if nothing changes, the new words, or None (entry by entry)."""
+        plain = plain_entries(words, self.cbits)
+        if plain is None:
+            return None
+        clusters, flags, indices = plain
+        if not clusters:
+            return words
+        if max(clusters) >= len(counts):
+            return None
+        ones = list(map(counts.__getitem__, clusters)).count(1)
+        if ones == len(clusters):
+            return words if flags.count(0x80) == len(flags) else \
+                with_copied(words, indices, True)
+        if ones == 0:
+            return words if not flags.count(0x80) else with_copied(words, indices, False)
+        return None
 
     # -- committing ----------------------------------------------------------------
 
@@ -411,7 +447,8 @@ class Txn:
                 released.add(index)
                 self.add(old_home(index) >> cbits, -1)
 
-        old_present = [i for i in range(len(old_table)) if old_home(i)]
+        old_present = list(compress(range(len(old_table)),
+                                    map(REFT_OFFSET_MASK.__and__, old_table)))
         while True:
             changed = False
             indices = set(range(-(-len(self.counts) // entries))).union(old_present)
@@ -463,7 +500,9 @@ class Txn:
     def _punch_freed(self) -> None:
         """Punch the clusters only the old metadata used out of the file."""
         stored, counts = self.stored, self.counts
-        n = len(counts)
-        freed = [c for c in range(len(stored)) if stored[c] and (c >= n or not counts[c])]
+        n = min(len(counts), len(stored))
+        # in use before (stored != 0), not any more (count 0), at C speed
+        freed = list(compress(range(n), map(_gt, map(bool, stored[:n]), map(bool, counts[:n]))))
+        freed += [c for c in range(n, len(stored)) if stored[c]]
         if freed:
             self.drv.refcounts._punch(freed)
