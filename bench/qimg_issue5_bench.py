@@ -1,6 +1,6 @@
 """qimg against qemu-img for the commands that change images (issue 5).
 
-    python bench/qimg_issue5_bench.py [--repeat 3] [--workdir DIR] [--keep]
+    python bench/qimg_issue5_bench.py [--repeat 5] [--workdir DIR] [--keep] [--qimg PROGRAM]
 
 Builds every input with the real qemu-img and qemu-io, then times both
 tools on fresh copies of the same images (best of ``--repeat`` runs, a
@@ -19,7 +19,9 @@ table with the ratio qimg/qemu-img:
 
 After each timed run the result is judged with qemu-img (check clean,
 content equal to what the other tool produced), so a fast wrong answer
-does not count.
+does not count. qimg runs with its bytecode cached (PYTHONDONTWRITEBYTECODE
+dropped; the first of the runs writes it). With ``--workdir`` the built
+images are kept there and reused by the next run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,12 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+QIMG: list[str] = []
+
+
 def qimg_command() -> list[str]:
+    if QIMG:
+        return QIMG
     script = Path(sys.executable).parent / "qimg"
     if script.exists():
         return [str(script)]
@@ -72,9 +79,18 @@ class Case:
 
 
 def build(work: Path) -> list[Case]:
-    rng = random.Random(7)
     t = work / "template"
-    t.mkdir()
+    if not (t / "done").exists():
+        if t.exists():
+            shutil.rmtree(t)
+        t.mkdir()
+        make_images(t)
+        (t / "done").write_text("ok\n")
+    return CASES
+
+
+def make_images(t: Path) -> None:
+    rng = random.Random(7)
     # commit: base full of data, top with 256 MiB in 1 MiB pieces spread over 1 GiB
     run(["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1G"], t)
     qemu_io(t, "base.qcow2", [f"write -P 0x11 {i}M 16M" for i in range(0, 1024, 16)])
@@ -102,21 +118,23 @@ def build(work: Path) -> list[Case]:
     _break(t / "frag.qcow2", leaks=300, zero_refcount=False)
     shutil.copy(t / "frag.qcow2", t / "fragz.qcow2")
     _break(t / "fragz.qcow2", leaks=0, zero_refcount=True)
-    return [
-        Case("commit 256 MiB overlay into 1 GiB base", ["base.qcow2", "top.qcow2"],
-             ["commit", "top.qcow2"], "base.qcow2"),
-        Case("safe rebase, 1 GiB overlay onto another 1 GiB base",
-             ["base.qcow2", "other.qcow2", "ovl.qcow2"],
-             ["rebase", "-b", "other.qcow2", "-F", "qcow2", "ovl.qcow2"], "ovl.qcow2"),
-        Case("snapshot -c, 1 GiB of data", ["full.qcow2"], ["snapshot", "-c", "s", "full.qcow2"],
-             "full.qcow2"),
-        Case("snapshot -a, 1 GiB, 128 MiB changed", ["snapped.qcow2"],
-             ["snapshot", "-a", "s1", "snapped.qcow2"], "snapped.qcow2"),
-        Case("check -r all, fragmented 1 GiB, 300 leaks", ["frag.qcow2"],
-             ["check", "-r", "all", "frag.qcow2"], "frag.qcow2"),
-        Case("check -r all, fragmented 1 GiB, refcount rebuild", ["fragz.qcow2"],
-             ["check", "-r", "all", "fragz.qcow2"], "fragz.qcow2"),
-    ]
+
+
+CASES = [
+    Case("commit 256 MiB overlay into 1 GiB base", ["base.qcow2", "top.qcow2"],
+         ["commit", "top.qcow2"], "base.qcow2"),
+    Case("safe rebase, 1 GiB overlay onto another 1 GiB base",
+         ["base.qcow2", "other.qcow2", "ovl.qcow2"],
+         ["rebase", "-b", "other.qcow2", "-F", "qcow2", "ovl.qcow2"], "ovl.qcow2"),
+    Case("snapshot -c, 1 GiB of data", ["full.qcow2"], ["snapshot", "-c", "s", "full.qcow2"],
+         "full.qcow2"),
+    Case("snapshot -a, 1 GiB, 128 MiB changed", ["snapped.qcow2"],
+         ["snapshot", "-a", "s1", "snapped.qcow2"], "snapped.qcow2"),
+    Case("check -r all, fragmented 1 GiB, 300 leaks", ["frag.qcow2"],
+         ["check", "-r", "all", "frag.qcow2"], "frag.qcow2"),
+    Case("check -r all, fragmented 1 GiB, refcount rebuild", ["fragz.qcow2"],
+         ["check", "-r", "all", "fragz.qcow2"], "fragz.qcow2"),
+]
 
 
 def _break(path: Path, *, leaks: int, zero_refcount: bool) -> None:
@@ -163,11 +181,12 @@ def timed(argv: list[str], cwd: Path) -> tuple[float, int]:
 
 
 def measure(case: Case, work: Path, repeat: int) -> tuple[float, float]:
-    best = {}
-    outputs = {}
-    for tool, prog in (("qemu-img", ["qemu-img"]), ("qimg", qimg_command())):
-        times = []
-        for _ in range(repeat):
+    """Best times of both tools; they take turns (the order alternates each
+    round) so that a change of machine load hits both alike."""
+    tools = [("qemu-img", ["qemu-img"]), ("qimg", qimg_command())]
+    times: dict[str, list[float]] = {"qemu-img": [], "qimg": []}
+    for round_ in range(repeat):
+        for tool, prog in (tools if round_ % 2 == 0 else tools[::-1]):
             d = work / f"run-{tool}"
             if d.exists():
                 shutil.rmtree(d)
@@ -177,7 +196,10 @@ def measure(case: Case, work: Path, repeat: int) -> tuple[float, float]:
             elapsed, rc = timed(prog + case.argv, d)
             if rc != 0:
                 raise SystemExit(f"{tool} {' '.join(case.argv)} exited {rc}")
-            times.append(elapsed)
+            times[tool].append(elapsed)
+    outputs = {}
+    for tool, _ in tools:
+        d = work / f"run-{tool}"
         check = run(["qemu-img", "check", case.judge], d, check=False)
         if check.returncode != 0:
             raise SystemExit(f"{tool}: qemu-img check {case.judge} after {case.name}: "
@@ -185,36 +207,42 @@ def measure(case: Case, work: Path, repeat: int) -> tuple[float, float]:
         out = d / "content.raw"
         run(["qemu-img", "convert", "-O", "raw", case.judge, str(out)], d)
         outputs[tool] = out
-        best[tool] = min(times)
     if subprocess.run(["cmp", "-s", str(outputs["qemu-img"]), str(outputs["qimg"])]).returncode:
         raise SystemExit(f"{case.name}: the two tools left different content")
     for out in outputs.values():
         out.unlink()
-    return best["qemu-img"], best["qimg"]
+    return min(times["qemu-img"]), min(times["qimg"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--workdir")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--qimg", help="the qimg program to time (default: the venv's qimg)")
+    parser.add_argument("--only", help="comma-separated case names")
     args = parser.parse_args()
+    if args.qimg:
+        QIMG.append(args.qimg)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qimg-issue5-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         cases = build(work)
+        if args.only:
+            cases = [c for c in cases if c.name in args.only.split(",")]
         version = run(["qemu-img", "--version"], work).stdout.decode().splitlines()[0]
         start = timed(qimg_command() + ["--version"], work)[0]
         start = min(start, *(timed(qimg_command() + ["--version"], work)[0] for _ in range(5)))
         print(f"{version}; qimg via {' '.join(qimg_command())}; best of {args.repeat}; "
-              f"qimg start-up (--version) {start * 1000:.0f} ms\n")
+              f"qimg start-up (--version) {start * 1000:.0f} ms; {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M')}\n")
         print("| case | qemu-img | qimg | qimg / qemu-img |")
         print("|---|---|---|---|")
         for case in cases:
             ref, ours = measure(case, work, args.repeat)
             print(f"| {case.name} | {ref:.3f} s | {ours:.3f} s | {ours / ref:.2f} |", flush=True)
     finally:
-        if not args.keep:
+        if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
 
