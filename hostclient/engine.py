@@ -190,10 +190,19 @@ class Chain:
         return self.levels[0]
 
     def warnings(self) -> list[str]:
-        return [f"{lv.filename}: format {lv.format} guessed from its content; state it "
-                f"(--format {lv.format}, or a backing format recorded in its overlay) so a raw "
-                f"disk whose guest wrote a {lv.format} header can never be misread"
-                for lv in self.levels if lv.guessed and lv.format != "raw"]
+        """One line per level whose format other than raw was only guessed."""
+        found = []
+        for above, lv in zip((None, *self.levels), self.levels):
+            if not lv.guessed or lv.format == "raw":
+                continue
+            if above is None:
+                found.append(f"{lv.filename}: format {lv.format} guessed from its content "
+                             f"(pass --format {lv.format} to state it)")
+            else:
+                found.append(f"{lv.filename}: format {lv.format} of this backing file guessed "
+                             f"from its content (record it: qemu-img rebase -u -F {lv.format} "
+                             f"-b {above.backing} {above.filename})")
+        return found
 
 
 #: formats whose guessed (probed) headers are followed at all: raw has no

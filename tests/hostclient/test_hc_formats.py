@@ -177,3 +177,17 @@ def test_format_usage_errors(tmp_path):
     out = run_cli("backup", "--format", "nosuch", "--image", str(image), str(tmp_path / "b"))
     assert out.returncode == 1
     assert out.stderr.startswith("quiesce: --format nosuch: not a format the image engine reads")
+
+
+def test_a_guessed_backing_format_is_warned_about(tmp_path, qemu_img):
+    base = tmp_path / "base.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "2M"], check=True)
+    top = tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(top)], check=True)
+    forget_backing_format(top)
+    result = run_backup(BackupConfig(target_dir=tmp_path / "b", images=(ImageSpec(top, "qcow2"),)))
+    assert result.exit_code == 0
+    assert result.manifest.warnings == [
+        f"{base}: format qcow2 of this backing file guessed from its content (record it: "
+        f"qemu-img rebase -u -F qcow2 -b {base} {top})"]
