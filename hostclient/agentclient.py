@@ -37,6 +37,9 @@ DELIMITER = 0xFF
 MAX_REPLY = 80 * 1024 * 1024
 
 #: Commands that send nothing on success (qemu-ga's success-response: false).
+#: Seconds between repeated guest-sync-delimited requests while the agent is silent.
+SYNC_RESEND = 1.0
+
 NO_REPLY = frozenset({"guest-shutdown", "guest-suspend-disk", "guest-suspend-ram",
                       "guest-suspend-hybrid"})
 
@@ -72,7 +75,7 @@ class ReplyStream:
         pos = self._buf.find(b"\n")
         if pos < 0:
             return None
-        line = bytes(self._buf[:pos])
+        line = bytes(self._buf[:pos]).lstrip(b"\xff")   # a delimited stale reply
         del self._buf[:pos + 1]
         return line
 
@@ -184,26 +187,42 @@ class AgentClient:
     # --------------------------------------------------------- protocol
 
     def sync(self, timeout: float | None = None) -> None:
-        """Resynchronise: reset the agent's parser, drop all stale replies."""
+        """Resynchronise: reset the agent's parser, drop all stale replies.
+
+        A fresh 0xFF and guest-sync-delimited go out every
+        :data:`SYNC_RESEND` seconds until the agent answers one of them: a
+        request can be lost while the channel changes hands (the guest sees
+        the previous client's hang-up after the new client's bytes and its
+        agent drops what it had). Any of this call's ids is accepted; the
+        answers to the others are skipped later, as every stale reply is.
+        """
         timeout = self.timeouts.sync if timeout is None else timeout
         self._waited = timeout
-        token = secrets.randbelow(1 << 31)
-        request = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
-        self._send(b"\xff" + json.dumps(request).encode() + b"\n")
         deadline = time.monotonic() + timeout
+        tokens: set[int] = set()
+        hint = ("is the guest agent running in the guest, and is no other "
+                "client (libvirt?) using this socket?")
         while True:
-            while not self._stream.skip_to_delimiter():
-                self._recv(deadline, "guest-sync-delimited",
-                           "is the guest agent running in the guest, and is no other "
-                           "client (libvirt?) using this socket?")
-            line = self._read_line(deadline, "guest-sync-delimited")
+            token = secrets.randbelow(1 << 31)
+            tokens.add(token)
+            request = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
+            self._send(b"\xff" + json.dumps(request).encode() + b"\n")
+            resend = min(deadline, time.monotonic() + SYNC_RESEND)
             try:
-                reply = decode_reply(line)
-            except AgentProtocolError:
-                continue                  # a stray 0xFF inside garbage: keep looking
-            if reply.get("return") == token:
-                self._dirty = False
-                return
+                while True:
+                    while not self._stream.skip_to_delimiter():
+                        self._recv(resend, "guest-sync-delimited", hint)
+                    line = self._read_line(resend, "guest-sync-delimited")
+                    try:
+                        reply = decode_reply(line)
+                    except AgentProtocolError:
+                        continue          # a stray 0xFF inside garbage: keep looking
+                    if reply.get("return") in tokens:
+                        self._dirty = False
+                        return
+            except AgentTimeout:
+                if resend >= deadline:
+                    raise
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
                 timeout: float | None = None) -> Any:

@@ -59,7 +59,9 @@ def run_proof(workdir: Path, *, agent: str = "qga", disk_size: str = "128M",
                       "--json", "--no-progress", str(target))
         backup_seconds = time.monotonic() - started
         if out.returncode != 0:
-            raise GuestError(f"quiesce backup exited {out.returncode}: {out.stderr.strip()}")
+            log = guest.run("tail -n 40 /run/guest/agent.log", timeout=10).output
+            raise GuestError(f"quiesce backup exited {out.returncode}: {out.stderr.strip()}\n"
+                             f"guest agent log (tail):\n{log}")
         manifest = json.loads(out.stdout)
         backup_dir = target / manifest["backup_id"]
         if not (manifest["quiesced"] and manifest["frozen_filesystems"] == 1):

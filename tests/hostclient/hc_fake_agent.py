@@ -29,6 +29,7 @@ class Faults:
     garbage_on_connect: bytes = b""      # sent as soon as a client connects
     close_on: str | None = None          # drop the connection on this command
     hang_on: str | None = None           # never answer this command
+    lose: int = 0                        # this many requests vanish unanswered (a lost write)
     on_command: Callable[[str], None] | None = None   # called before handling
 
 
@@ -134,6 +135,9 @@ class FakeAgent:
             conn.close()
             return False
         if self.faults.silent or self.faults.hang_on == name:
+            return True
+        if self.faults.lose > 0:
+            self.faults.lose -= 1
             return True
         args = request.get("arguments", {}) or {}
         prefix = b""

@@ -114,6 +114,30 @@ def test_silent_agent_times_out_on_connect_with_a_hint(fake_agent):
     assert time.monotonic() - started < 2.5
 
 
+def test_a_lost_sync_request_is_sent_again(fake_agent):
+    # the first guest-sync-delimited vanishes (as when the guest sees the
+    # previous client's hang-up after the new client's bytes): the client
+    # sends another after SYNC_RESEND and is in step with the agent
+    fake_agent.faults.lose = 1
+    started = time.monotonic()
+    with AgentClient(fake_agent.path, AgentTimeouts(sync=4, ping=1)) as agent:
+        assert 0.9 < time.monotonic() - started < 2.5
+        agent.ping()
+        assert agent.fsfreeze_status() == "thawed"
+    assert fake_agent.received[:3] == ["guest-sync-delimited"] * 2 + ["guest-ping"]
+
+
+def test_answers_to_repeated_syncs_are_skipped(fake_agent):
+    # a slow agent answers every sync it was sent, late: the client takes the
+    # first answer and skips the later delimited ones before its command's reply
+    fake_agent.faults.on_command = lambda name: time.sleep(1.3) if name.endswith("delimited") \
+        and fake_agent.received.count(name) == 1 else None
+    with AgentClient(fake_agent.path, AgentTimeouts(sync=4, ping=2, status=2)) as agent:
+        agent.ping()
+        assert agent.fsfreeze_status() == "thawed"
+    assert fake_agent.received.count("guest-sync-delimited") == 2
+
+
 def test_missing_socket_is_unavailable(sockdir):
     with pytest.raises(AgentUnavailable, match="no guest agent socket"):
         AgentClient(str(sockdir / "nope.sock"), FAST).connect()
