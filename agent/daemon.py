@@ -302,10 +302,19 @@ class _Session:
         self._attach(conn)
 
     def _client_gone(self) -> None:
-        """The host went away: forget its partial input and unsent output."""
+        """The host went away: forget its partial input (and a socket client's
+        unsent output).
+
+        A device keeps its unsent output: the guest learns of the host's
+        hang-up on another virtqueue than the data, so an EOF can be seen
+        after the next host's request was read and answered while the port
+        was briefly closed; that answer must still go out (a stale one is
+        skipped by the host's resync, as with qemu-ga).
+        """
         self.agent.protocol.reset()
-        self.out.clear()
-        self.out_bytes = 0
+        if self.channel.listening or self.out_bytes > OUTPUT_HIGH_WATER:
+            self.out.clear()
+            self.out_bytes = 0
         self.agent.ctx.delimit_response = False
         conn, self.client = self.client, None
         if conn is not None:
