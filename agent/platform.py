@@ -16,7 +16,6 @@ import os
 import pwd
 import random
 import re
-import signal
 import socket
 import stat as stat_module
 import struct
@@ -24,6 +23,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from agent.hookproc import HookProcess
 
 
 @dataclass
@@ -388,37 +389,30 @@ class Platform:
     def run_hook(self, path: str, arg: str, *, timeout: float | None = None,
                  capture: bool = False) -> HookRun:
         """Run the fsfreeze hook as qemu-ga does: ``path arg``, stdin on
-        /dev/null, a new session, the agent's environment and directory.
+        /dev/null, a new session, the agent's environment and directory,
+        waiting for the hook process itself (not for children it leaves
+        running, see agent.hookproc).
 
         qemu-ga sends the hook's output to /dev/null and waits forever;
         ``capture`` collects stdout+stderr instead, and ``timeout`` kills the
         hook's whole session (TERM, then KILL) when it runs too long. A hook
         that cannot be executed counts as exit status 1, as in qemu-ga.
         """
+        read_fd, write_fd = os.pipe() if capture else (None, subprocess.DEVNULL)
         try:
             proc = subprocess.Popen([path, arg], executable=self.path(path),
-                                    stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+                                    stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
                                     start_new_session=True, close_fds=True)
         except OSError:
+            if read_fd is not None:
+                os.close(read_fd)
             return HookRun(1, b"", False)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-            return HookRun(proc.returncode, output or b"", False)
-        except subprocess.TimeoutExpired:
-            pass
-        for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, None)):
-            try:
-                os.killpg(proc.pid, sig)
-            except OSError:
-                pass
-            try:
-                output, _ = proc.communicate(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        return HookRun(proc.returncode, output or b"", True)
+        finally:
+            if read_fd is not None:
+                os.close(write_fd)
+        hook = HookProcess(proc, read_fd)
+        status, output, timed_out = hook.finish(timeout)
+        return HookRun(status, output, timed_out, hook.output_dropped)
 
 
 # -- values and helpers of the catalogue methods above ----------------------
@@ -538,10 +532,12 @@ class _PairEnvironment(dict):
 
 @dataclass(frozen=True)
 class HookRun:
-    """How an fsfreeze hook ended: exit status (-N: killed by signal N)."""
+    """How an fsfreeze hook ended: exit status (-N: killed by signal N), the
+    output it wrote before it exited (when captured), whether it timed out."""
     status: int
     output: bytes
     timed_out: bool
+    dropped: int = 0            # bytes of output past agent.hookproc.OUTPUT_LIMIT
 
 
 _FIFREEZE = 0xC0045877          # _IOWR('X', 119, int)

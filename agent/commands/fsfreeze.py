@@ -162,6 +162,8 @@ def run_hook(ctx: Context, arg: str) -> None:
     if capture:
         for line in result.output.decode("utf-8", "replace").splitlines():
             hook_log.info("fsfreeze hook %s: %s", arg, line)
+        if result.dropped:
+            hook_log.info("fsfreeze hook %s: %d more bytes of output not logged", arg, result.dropped)
     if result.timed_out:
         hook_log.error("fsfreeze hook '%s %s' killed after %g seconds", hook, arg, timeout)
         raise AgentError(f"fsfreeze hook has timed out after {timeout:g} seconds")

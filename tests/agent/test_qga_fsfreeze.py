@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import hookproc
 from agent.commands import fsfreeze, load_all
 from agent.config import Config
 from agent.context import Context
@@ -221,6 +222,111 @@ def test_real_hook_gets_its_argument_and_dev_null(tmp_path):
     hook.chmod(0o755)
     result = Platform().run_hook(str(hook), "thaw", capture=True)
     assert result == HookRun(4, b"thaw /dev/null\n", False)
+
+
+
+def lock_holder_hook(tmp_path, name="hook"):
+    """A hook in the "database flush lock holder" pattern: it starts a
+    background child that keeps its stdout, says ok and exits 0 at once.
+    The child records its pid, prints once more a second later (it must not
+    die of SIGPIPE) and notes that it is still alive."""
+    hook = tmp_path / name
+    hook.write_text(f'#!/bin/sh\n( sleep 1; echo late; echo "still alive" >> {tmp_path}/holder.alive;'
+                    f' sleep 9 ) &\necho $! >> {tmp_path}/holder.pid\necho "ok $1"\nexit 0\n')
+    hook.chmod(0o755)
+    return hook
+
+
+def kill_holders(tmp_path) -> None:
+    for line in (tmp_path / "holder.pid").read_text().split() if (tmp_path / "holder.pid").exists() else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(int(line)), signal.SIGKILL)
+
+
+@pytest.fixture(params=["pidfd", "no-pidfd"])
+def wait_kind(request, monkeypatch):
+    """The hook is waited for by a pidfd, or by polling where the kernel has none (< 5.3)."""
+    if request.param == "no-pidfd":
+        def no_pidfd(pid, flags=0):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        monkeypatch.setattr(hookproc.os, "pidfd_open", no_pidfd, raising=False)
+    return request.param
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("capture", [False, True], ids=["no-log", "hook-log"])
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["no-timeout", "timeout"])
+def test_hook_background_child_does_not_hold_the_agent(tmp_path, capture, timeout, wait_kind):
+    hook = lock_holder_hook(tmp_path)
+    try:
+        started = time.monotonic()
+        result = Platform().run_hook(str(hook), "freeze", timeout=timeout, capture=capture)
+        elapsed = time.monotonic() - started
+        assert result == HookRun(0, b"ok freeze\n" if capture else b"", False)
+        assert elapsed < 0.8, f"waited {elapsed:.2f}s for the hook's background child"
+        holder = int((tmp_path / "holder.pid").read_text())
+        os.kill(holder, 0)                          # the lock holder was not killed
+        deadline = time.monotonic() + 5
+        while not (tmp_path / "holder.alive").exists():
+            assert time.monotonic() < deadline, "the lock holder died writing to its stdout"
+            time.sleep(0.05)
+    finally:
+        kill_holders(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_hook_timeout_counts_the_hook_not_its_background_child(tmp_path, wait_kind):
+    hook = lock_holder_hook(tmp_path)
+    try:
+        result = Platform().run_hook(str(hook), "freeze", timeout=0.5, capture=True)
+        assert result == HookRun(0, b"ok freeze\n", False)
+        time.sleep(0.7)                             # past the timeout: nothing is killed later
+        os.kill(int((tmp_path / "holder.pid").read_text()), 0)
+    finally:
+        kill_holders(tmp_path)
+
+
+@pytest.mark.timeout(30)
+def test_hook_timeout_kills_a_hung_hook_and_its_session(tmp_path, wait_kind):
+    hook = tmp_path / "hung"
+    hook.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {tmp_path}/child.pid\necho hanging\nsleep 30\n")
+    hook.chmod(0o755)
+    started = time.monotonic()
+    result = Platform().run_hook(str(hook), "freeze", timeout=0.5, capture=True)
+    assert time.monotonic() - started < 3
+    assert result.timed_out and result.status == -signal.SIGTERM
+    assert result.output == b"hanging\n"
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and \
+            Path(f"/proc/{child}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the hung hook's child survived the timeout"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(30)
+def test_hook_output_larger_than_a_pipe_is_read_while_it_runs(tmp_path):
+    hook = tmp_path / "chatty"
+    hook.write_text("#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' a\necho\nexit 3\n")
+    hook.chmod(0o755)
+    result = Platform().run_hook(str(hook), "thaw", timeout=10, capture=True)
+    assert result == HookRun(3, b"a" * 300000 + b"\n", False)
+
+
+@pytest.mark.timeout(30)
+def test_hook_output_past_the_limit_is_read_and_counted(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(hookproc, "OUTPUT_LIMIT", 1000)
+    hook = tmp_path / "chatty"
+    hook.write_text("#!/bin/sh\nhead -c 300000 /dev/zero | tr '\\0' a\necho\n")
+    hook.chmod(0o755)
+    assert Platform().run_hook(str(hook), "freeze", capture=True) == \
+        HookRun(0, b"a" * 1000, False, 299001)
+    fs = FakeFS(["/a"])
+    fs.run_hook = lambda *a, **k: HookRun(0, b"first\n", False, 42)
+    _, d = make(fs, hook="/bin/true", hook_log=True)
+    with caplog.at_level("DEBUG", logger="qga.hook"):
+        call(d, b'{"execute":"guest-fsfreeze-freeze"}')
+    assert "fsfreeze hook freeze: 42 more bytes of output not logged" in caplog.text
 
 
 # ---------------------------------------------------------------- real filesystems
@@ -430,3 +536,46 @@ def test_nothing_is_logged_while_frozen(loop_mounts, tmp_path):
     finally:
         force_thaw(m1)
         agent.stop()
+
+
+@pytest.mark.root
+@pytest.mark.oracle
+@pytest.mark.timeout(120)
+def test_lock_holder_hook_does_not_stall_freeze_or_thaw(qemu_ga, loop_mounts, tmp_path):
+    """A hook leaving a background child that holds its output: qemu-ga
+    answers at once (it waits for the hook's pid, output on /dev/null);
+    qga too, in every mode, and keeps the child alive."""
+    m1, _ = loop_mounts
+    hook = lock_holder_hook(tmp_path)
+    log = tmp_path / "hook-log.log"
+    modes = {"qemu-ga": ([qemu_ga], []),
+             "qga": (QGA, []),
+             "qga-timeout": (QGA, ["--fsfreeze-hook-timeout=5"]),
+             "qga-log": (QGA, ["--fsfreeze-hook-log", "-l", str(log)]),
+             "qga-log-timeout": (QGA, ["--fsfreeze-hook-log", "--fsfreeze-hook-timeout=5",
+                                       "-l", str(log)])}
+    try:
+        for name, (command, extra) in modes.items():
+            agent = spawn_agent(command, tmp_path / name, name, ["-F" + str(hook), *extra],
+                                block=FREEZE_ALLOWED)
+            try:
+                client = agent.connect()
+                for request, answer in ((freeze_list([m1]), b'{"return": 1}\n'),
+                                        (b'{"execute":"guest-ping"}', b'{"return": {}}\n'),
+                                        (b'{"execute":"guest-fsfreeze-thaw"}', b'{"return": 1}\n')):
+                    started = time.monotonic()
+                    assert client.call(request, timeout=30) == answer, name
+                    assert time.monotonic() - started < 0.8, f"{name}: {request!r} waited"
+                assert not fs_is_frozen(m1)
+            finally:
+                force_thaw(m1)
+                agent.stop()
+        holders = [int(p) for p in (tmp_path / "holder.pid").read_text().split()]
+        assert len(holders) == 2 * len(modes)       # a freeze and a thaw hook each
+        for pid in holders:
+            os.kill(pid, 0)                         # no agent killed a lock holder
+        text = log.read_text()
+        assert text.count("fsfreeze hook freeze: ok freeze") == 2
+        assert text.count("fsfreeze hook thaw: ok thaw") == 2
+    finally:
+        kill_holders(tmp_path)
