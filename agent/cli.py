@@ -67,13 +67,40 @@ Configuration: /etc/qemu/qemu-ga.conf, or the file named by QGA_CONF.
 """
 
 
+def _write(stream, text: str) -> None:
+    """``text`` as the bytes it came from (UTF-8, undecodable bytes kept), as
+    C's stdio writes them whatever the locale."""
+    stream.flush()
+    stream.buffer.write(text.encode("utf-8", "surrogateescape"))
+    stream.buffer.flush()
+
+
 def _write_stdout(text: str) -> None:
-    sys.stdout.flush()
-    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
-    sys.stdout.buffer.flush()
+    _write(sys.stdout, text)
+
+
+def _byte_transparent_interpreter() -> None:
+    """Re-run this interpreter in UTF-8 mode when the locale's charset is not
+    UTF-8 (e.g. LANG=de_DE.ISO-8859-1).
+
+    qemu-ga never calls setlocale: it treats arguments, paths and file
+    contents as bytes and prints the same whatever LANG or LC_ALL say.
+    Python decodes argv, the environment and paths with the locale's
+    charset unless it runs in UTF-8 mode (automatic in the C and POSIX
+    locales, the same as UTF-8 in a UTF-8 locale); everything here assumes
+    UTF-8 with undecodable bytes kept.  ``-X utf8`` rather than PYTHONUTF8,
+    so that hooks and guest-exec children do not inherit it.
+    """
+    if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return
+    if not sys.executable or len(sys.orig_argv) < 2:
+        return
+    os.execv(sys.executable, [sys.orig_argv[0], "-X", "utf8", *sys.orig_argv[1:]])
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _byte_transparent_interpreter()
     from agent import config as cfg
     from agent import log as agentlog
 
@@ -96,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         action = cfg.parse_command_line(config, prog, args)
     except cfg.UsageError as exc:
-        sys.stderr.write(exc.message + "\n")
-        sys.stderr.flush()
+        _write(sys.stderr, exc.message + "\n")
         _write_stdout(f"Unknown option, try '{prog} --help' for more information.\n")
         return 1
     if action is not None:

@@ -74,7 +74,7 @@ def iter_getopt_long(prog: str, argv: list[str], short: str, longs: list[LongOpt
                 pos += 1
                 kind = shorts.get(letter)
                 if kind is None or letter == ":":
-                    raise GetoptError(f"{prog}: invalid option -- '{letter}'")
+                    raise GetoptError(f"{prog}: invalid option -- '{_first_byte(letter)}'")
                 if kind == NO_ARGUMENT:
                     yield letter, None
                     continue
@@ -89,6 +89,12 @@ def iter_getopt_long(prog: str, argv: list[str], short: str, longs: list[LongOpt
                     raise GetoptError(f"{prog}: option requires an argument -- '{letter}'")
                 break
         # anything else is a positional word: permuted to the end, i.e. skipped
+
+
+def _first_byte(letter: str) -> str:
+    """glibc reads options byte by byte: of a multibyte character it names the
+    first byte only (kept undecodable, as ``surrogateescape`` has it)."""
+    return letter.encode("utf-8", "surrogateescape")[:1].decode("utf-8", "surrogateescape")
 
 
 def _long(prog: str, text: str, argv: list[str], i: int,

@@ -92,8 +92,9 @@ def open_logfile(path: str) -> IO[str]:
 def early(level: str, message: str, domain: str = "") -> None:
     """GLib's default handler format, used before the agent's own is installed.
 
-    Like g_printerr, it prints '?' for what the locale's charset lacks (all
-    of non-ASCII in the C locale).
+    qemu-ga never calls setlocale, so GLib converts its messages to the C
+    locale's charset whatever LANG or LC_ALL say: every non-ASCII character
+    (its own curly quotes included) and every undecodable byte prints as '?'.
     """
     now = time.time()
     stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
@@ -101,19 +102,9 @@ def early(level: str, message: str, domain: str = "") -> None:
         text = f"\n(process:{os.getpid()}): {domain}-{level.upper()} **: {stamp}: {message}\n"
     else:
         text = f"\n** (process:{os.getpid()}): {level.upper()} **: {stamp}: {message}\n"
-    data = text.encode("ascii", "replace") if _ascii_locale() else text.encode("utf-8", "replace")
     try:
         sys.stderr.flush()
-        sys.stderr.buffer.write(data)
+        sys.stderr.buffer.write(text.encode("ascii", "replace"))
         sys.stderr.buffer.flush()
     except (OSError, ValueError, AttributeError):
         pass
-
-
-def _ascii_locale() -> bool:
-    for name in ("LC_ALL", "LC_CTYPE", "LANG"):
-        value = os.environ.get(name)
-        if value:
-            return value in ("C", "POSIX") or not any(
-                tag in value.lower() for tag in ("utf-8", "utf8"))
-    return True
