@@ -190,6 +190,22 @@ class SnapshotInfo:
         return out
 
 
+#: the largest virtual size QEMU's block layer accepts (INT64_MAX rounded
+#: down to 1 GiB, its BDRV_MAX_LENGTH); resizes beyond it are refused
+#: before any driver sees them
+BDRV_MAX_LENGTH = ((1 << 63) - 1) // (1 << 30) * (1 << 30)
+
+
+def check_new_size(size: int) -> None:
+    """Refuse a new virtual size as QEMU's bdrv_co_truncate does, before the
+    driver is asked (``size`` as QEMU's int64_t: 2^63 and above are negative)."""
+    from imagetools.errors import ImageError
+    if size < 0 or size >= 1 << 63:
+        raise ImageError("Image size cannot be negative")
+    if size > BDRV_MAX_LENGTH:
+        raise ImageError(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
+
+
 class Driver:
     """An open image. Subclasses implement the methods that raise here.
 

@@ -96,7 +96,10 @@ def io_error(what: str, err: OSError) -> ImageIOError:
     return ImageIOError(f"{what}: {err.strerror or err}", err.errno)
 
 
-_MAX_OFFSET = (1 << 63) - 1
+#: QEMU's BDRV_MAX_LENGTH (see formats.base): no request may reach past it
+_MAX_REQUEST_END = ((1 << 63) - 1) // (1 << 30) * (1 << 30)
+#: fallocate errors that mean "not here" (ENODEV: a character device)
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 _copy_file_range_ok = hasattr(os, "copy_file_range")
 _NO_CFR = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
            errno.ETXTBSY, errno.EPERM)
@@ -150,6 +153,8 @@ class HostFile:
         self.read_only = read_only
         st = os.fstat(fd)
         self.is_block = stat.S_ISBLK(st.st_mode)
+        #: a block or character device (QEMU's host_device): its size is fixed
+        self.is_device = self.is_block or stat.S_ISCHR(st.st_mode)
         self.dev_ino = (st.st_dev, st.st_ino)
         self._can_zero_range = True
         self._can_punch = True
@@ -243,9 +248,10 @@ class HostFile:
     # -- data ---------------------------------------------------------
 
     def _range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > _MAX_OFFSET:
-            raise ImageIOError(f"Offset {offset:#x} (+{length:#x}) is out of range for "
-                               f"'{self.filename}'", errno.EINVAL)
+        # QEMU's block layer fails any request reaching past BDRV_MAX_LENGTH
+        # with EIO (a table offset near 2^63 in a header is only an I/O error)
+        if offset < 0 or length < 0 or offset + length > _MAX_REQUEST_END:
+            raise ImageIOError("Input/output error", errno.EIO)
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
@@ -352,7 +358,7 @@ class HostFile:
                     _changed()
                     return
                 except OSError as err:
-                    if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    if err.errno not in _NO_FALLOCATE:
                         raise io_error(f"Could not write zeroes to '{self.filename}'",
                                        err) from None
                     self._can_zero_range = False
@@ -383,7 +389,7 @@ class HostFile:
             _changed()
             return True
         except OSError as err:
-            if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            if err.errno in _NO_FALLOCATE:
                 self._can_punch = False
                 return False
             raise io_error(f"Could not discard in '{self.filename}'", err) from None
@@ -396,6 +402,12 @@ class HostFile:
             return False
 
     def truncate(self, length: int) -> None:
+        """Set the file length; a device keeps its size (QEMU's non-exact
+        truncate of a host device: shrinking is a no-op, growing fails)."""
+        if self.is_device:
+            if length > self.length():
+                raise ImageIOError("Cannot grow device files", errno.EINVAL)
+            return
         try:
             os.ftruncate(self.fd, length)
         except OSError as err:
@@ -418,6 +430,8 @@ class HostFile:
         try:
             os.fdatasync(self.fd)
         except OSError as err:
+            if err.errno == errno.EINVAL:
+                return          # a special file that cannot be synced (/dev/null)
             raise io_error(f"Could not flush '{self.filename}'", err) from None
 
     def close(self) -> None:

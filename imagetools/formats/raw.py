@@ -23,13 +23,14 @@ probe the alignment, which is why ``disk size`` is 4 KiB.
 from __future__ import annotations
 
 import errno
+import os
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
     from typing import Any, Iterator
 
 from imagetools.errors import ImageError, ImageIOError, UnsupportedError
 from imagetools.formats import magic
-from imagetools.formats.base import Driver, Extent
+from imagetools.formats.base import Driver, Extent, check_new_size
 from imagetools.formats.hostfile import HostFile
 
 SECTOR = 512
@@ -192,19 +193,26 @@ class RawDriver(Driver):
             raise UnsupportedError(f"Unsupported preallocation mode: {prealloc}")
         if self.read_only:
             raise ImageIOError("Image is read-only", errno.EACCES)
+        check_new_size(size)
         file = self.file
         old = file.length()
-        if file.is_block:
+        if file.is_device:
             if size != old:
                 raise UnsupportedError("Cannot resize device files")
             return
         if size < old and prealloc != "off":
             raise ImageError("Cannot use preallocation for shrinking files")
-        if size > old and prealloc == "falloc":
-            file.fallocate(old, size - old)
-        elif size > old and prealloc == "full":
-            file.write_zero_data(old, size - old)
-        file.truncate(size)
+        try:
+            if size > old and prealloc == "falloc":
+                file.fallocate(old, size - old)
+            elif size > old and prealloc == "full":
+                file.write_zero_data(old, size - old)
+            file.truncate(size)
+        except ImageIOError as err:
+            if err.errno is None or not str(err).startswith("Could not resize "):
+                raise
+            raise ImageIOError(f"Could not resize file: {os.strerror(err.errno)}",
+                               err.errno) from None
         self._size = _round_up(size, SECTOR)
 
     def allocated_size(self) -> int | None:
@@ -231,7 +239,8 @@ def create_file(file: HostFile, size: int, prealloc: str) -> None:
     falloc the first min(size, 4 KiB) are then written as zeros, as QEMU's
     allocate_first_block does (so alignment probing works on later opens).
     """
-    if file.is_block:
+    if file.is_device:
+        _create_on_device(file, size, prealloc)
         return
     file.truncate(0)
     if prealloc == "full":
@@ -242,6 +251,20 @@ def create_file(file: HostFile, size: int, prealloc: str) -> None:
             file.fallocate(0, size)
         if size:
             file.pwrite(0, bytes(min(size, 4096)))
+    file.flush()
+
+
+def _create_on_device(file: HostFile, size: int, prealloc: str) -> None:
+    """QEMU's host_device creation: the device keeps its size (it must be at
+    least ``size``) and its first sector is zeroed, so that what it held
+    before is not probed as a format on the next open."""
+    if prealloc != "off":
+        raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
+    length = file.length()
+    if size > length:
+        raise ImageIOError("Cannot grow device files", errno.EINVAL)
+    if length:
+        file.write_zeroes(0, min(length, SECTOR))
     file.flush()
 
 

@@ -11,6 +11,7 @@ come after it); a backing file needs a backing format (``-F``) and, unless
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from imagetools.errors import ImageError, ImageOpenError
@@ -78,6 +79,15 @@ def prefixed(filename: str, err: ImageError) -> Reported:
     return out
 
 
+def too_large(fmt: str) -> ImageError:
+    """qemu-img's words for any "File too large" while creating (bdrv_img_create):
+    formats with a cluster size get a hint."""
+    from imagetools.ops.options import format_options
+    hint = any(d.name == "cluster_size" and d.default for d in format_options(fmt) or ())
+    return ImageError(f"The image size is too large for file format '{fmt}'"
+                      + (" (try using a larger cluster size)" if hint else ""))
+
+
 def create(filename: str, fmt: str, size: int | None, *, options: str | None = None,
            backing_file: str | None = None, backing_fmt: str | None = None,
            unsafe: bool = False, quiet: bool = False) -> None:
@@ -112,6 +122,8 @@ def create(filename: str, fmt: str, size: int | None, *, options: str | None = N
         from imagetools.ops.common import creation_error
         raise Reported(creation_error(filename, err)) from None
     except ImageError as err:
+        if getattr(err, "errno", None) == errno.EFBIG:
+            raise too_large(fmt) from None
         text = str(err)
         if "\nDetected format of " in text:
             raise Reported(text, newline=False) from None

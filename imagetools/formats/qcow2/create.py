@@ -151,7 +151,13 @@ class CreateSpec:
             raise ImageError("Backing file name too long")
         l2_entries = cs // (16 if self.extended_l2 else 8)
         l1_entries = -(-self.size // (cs * l2_entries))
-        if l1_entries > hdr.QCOW_MAX_L1_SIZE // 8 or self.size > (1 << 63) - 1:
+        from imagetools.formats.base import BDRV_MAX_LENGTH
+        if self.size > BDRV_MAX_LENGTH:
+            # QEMU sizes the new image with a block-layer truncate, which
+            # refuses this before the driver's L1 check
+            raise ImageError(f"Could not resize image: offset({self.size}) exceeds "
+                             f"maximum({BDRV_MAX_LENGTH})")
+        if l1_entries > hdr.QCOW_MAX_L1_SIZE // 8:
             raise ImageError("The image size is too large for file format 'qcow2' (try using "
                              "a larger cluster size)")
         self.l1_entries = l1_entries
@@ -223,6 +229,10 @@ def create(filename: str, size: int, options: dict[str, Any]) -> None:
         else:
             file.truncate(3 * cs)
         file.flush()
+        if file.pread_full(0, 4) != hdr.QCOW_MAGIC:
+            # QEMU opens the new image to size it; a device that keeps
+            # nothing (/dev/null) fails there
+            raise ImageError("Image is not in qcow2 format")
     finally:
         file.close()
     if spec.preallocation != "off":

@@ -21,10 +21,12 @@ below the new end.
 
 from __future__ import annotations
 
+import errno
 import struct
 from array import array
 
-from imagetools.errors import ImageError, UnsupportedError
+from imagetools.errors import ImageError, ImageIOError, UnsupportedError
+from imagetools.formats.qcow2.header import QCOW_MAX_L1_SIZE
 from imagetools.formats.qcow2.layout import (
     L1E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED, REFT_OFFSET_MASK,
     UNALLOCATED_PLAIN, ZERO_PLAIN)
@@ -39,6 +41,8 @@ PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 
 def truncate(drv: "Qcow2Driver", size: int, prealloc: str = "off") -> None:
     """Resize ``drv`` to ``size`` bytes (see the module docstring)."""
+    from imagetools.formats.base import check_new_size
+    check_new_size(size)
     if prealloc not in PREALLOC_MODES:
         raise UnsupportedError(f"Unsupported preallocation mode '{prealloc}'")
     if size % 512:
@@ -100,10 +104,17 @@ def _write_size(drv: "Qcow2Driver", old: int, size: int) -> None:
 
 
 def grow_l1(drv: "Qcow2Driver", entries: int) -> None:
-    """Make the active L1 table ``entries`` long (QEMU's exact-size growth)."""
+    """Make the active L1 table ``entries`` long (QEMU's exact-size growth).
+
+    A table beyond QEMU's limit (32 MiB) is refused before anything is
+    allocated: QEMU could not open the image, and a size like 1E would ask
+    for gigabytes of memory.
+    """
     old = drv.l1
     if entries <= len(old):
         return
+    if entries > QCOW_MAX_L1_SIZE // 8:
+        raise ImageIOError("Failed to grow the L1 table: File too large", errno.EFBIG)
     cs = drv.cluster_size
     rc = drv.refcounts
     drv.writeback()

@@ -1,0 +1,142 @@
+"""Sizes at and past the limits, and device files, against qemu-img 7.2.
+
+A qcow2 L1 table may be at most 32 MiB (QEMU's QCOW_MAX_L1_SIZE) and no
+image may exceed QEMU's BDRV_MAX_LENGTH (INT64_MAX rounded down to 1 GiB):
+``resize +1E`` or ``amend -o size=1E`` must fail with qemu-img's line
+without ever building the table in memory, and a size between the two
+limits must not produce an image QEMU cannot open. qimg runs here under an
+address-space limit far below what a 1E table would take, so an attempt to
+allocate it fails the comparison instead of swapping the machine.
+
+Device files (``/dev/null``, a loop device) keep their size: creating on
+them or resizing them gives QEMU's host_device answers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from qimg_harness import ROOT, Pair
+
+pytestmark = [pytest.mark.oracle, pytest.mark.timeout(120)]
+
+#: address space allowed to qimg (the interpreter needs ~100 MiB; a 1E
+#: image's L1 table would be 16 GiB)
+_AS_LIMIT = 768 << 20
+
+
+@pytest.fixture
+def capped(qemu_img, qemu_io, tmp_path) -> Pair:
+    """``pair`` with qimg (named qemu-img) under an address-space limit."""
+    wrapper = tmp_path / "bin" / "qemu-img"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f"#!{sys.executable}\nimport resource, sys\n"
+                       f"resource.setrlimit(resource.RLIMIT_AS, ({_AS_LIMIT}, {_AS_LIMIT}))\n"
+                       f"sys.path.insert(0, {str(ROOT)!r})\n"
+                       "from imagetools.cli import main\nsys.exit(main())\n")
+    wrapper.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    return Pair(qemu_img, qemu_io, str(wrapper), work)
+
+
+HUGE = ["+1E", "1E", "4P", "+9E", "8E", "+16E", "9223372036854775296",
+        "9223372035781034496", "9223372035781033984", "7E"]
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=64k", "cluster_size=2M", "cluster_size=512",
+                                  "extended_l2=on"])
+def test_resize_qcow2_past_the_l1_limit(capped, opts):
+    capped.setup("image", "x.qcow2", "qcow2", "1M", "write -P 7 0 64k", opts=opts)
+    for size in HUGE:
+        capped.same("resize", "x.qcow2", size)
+    capped.judged_same("info", "--output=json", "x.qcow2")
+    capped.judged_same("check", "x.qcow2")
+
+
+def test_resize_qcow2_up_to_the_l1_limit(capped):
+    """2P with 64 KiB clusters is exactly a 32 MiB L1 table: allowed, and the
+    result is an image QEMU opens; 2P + 512 MiB is one entry too many."""
+    capped.setup("image", "x.qcow2", "qcow2", "1M", "write -P 7 0 64k")
+    capped.same("resize", "x.qcow2", str((2 << 50) + (512 << 20)))
+    capped.same("resize", "x.qcow2", "2P")
+    capped.judged_same("info", "--output=json", "x.qcow2")
+    capped.judged_same("check", "x.qcow2")
+
+
+def test_amend_size_past_the_limits(capped):
+    capped.setup("image", "x.qcow2", "qcow2", "1M", "write -P 7 0 64k")
+    for size in ["1E", "4P", "8E", "16E", "9223372036854775296", "9223372035781034496"]:
+        capped.same("amend", "-o", f"size={size}", "x.qcow2")
+    capped.judged_same("info", "--output=json", "x.qcow2")
+    capped.judged_same("check", "x.qcow2")
+
+
+@pytest.mark.parametrize("fmt,opts", [("qcow2", "cluster_size=64k"),
+                                      ("qcow2", "cluster_size=2M"),
+                                      ("raw", None), ("qed", None), ("vdi", None)])
+def test_create_past_the_limits(capped, fmt, opts):
+    extra = ["-o", opts] if opts else []
+    for size in ["1E", "4P", "7E", "9223372036854775296", "9223372035781034496",
+                 "9223372035781033984", "8E", "16E"]:
+        capped.same("create", "-f", fmt, *extra, f"x.{fmt}", size)
+        for side in (capped.ref, capped.ours):
+            # what each tool left behind is the next run's concern, not this one's
+            side.path(f"x.{fmt}").unlink(missing_ok=True)
+
+
+def test_resize_raw_past_the_limits(capped):
+    capped.setup("ok", "create", "-q", "-f", "raw", "r.raw", "1M")
+    for size in ["1E", "+1E", "9223372036854775296", "9223372035781033984", "8E", "+16E"]:
+        capped.same("resize", "-f", "raw", "r.raw", size)
+    assert capped.ref.path("r.raw").stat().st_size == capped.ours.path("r.raw").stat().st_size
+
+
+@pytest.mark.parametrize("args", [
+    "create -f raw /dev/null 1M", "create -f raw /dev/null 0",
+    "create -f raw -o preallocation=full /dev/null 1M",
+    "create -f raw -o preallocation=falloc /dev/null 1M",
+    "create -f qcow2 /dev/null 1M", "create -f qcow2 -o preallocation=full /dev/null 1M",
+    "create -f vdi /dev/null 1M", "create -f qed /dev/null 1M",
+    "resize -f raw /dev/null 1M", "resize -f raw /dev/null 0",
+    "info /dev/null", "check -f qcow2 /dev/null",
+])
+def test_device_files(pair, args):
+    pair.same(*args.split())
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """A 4 MiB loop device over a file of random bytes (detached afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices)")
+    backing = tmp_path / "dev.img"
+    backing.write_bytes(os.urandom(4 << 20))
+    dev = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("args", ["create -f raw {dev} 1M", "create -f raw {dev} 4M",
+                                  "create -f raw {dev} 8M", "create -f qcow2 {dev} 1M",
+                                  "resize -f raw {dev} 8M", "resize -f raw {dev} 4M"])
+def test_block_device(pair, loop_device, args):
+    """Same output, and the device holds the same bytes afterwards (QEMU
+    zeroes the first sector of a raw device, nothing else)."""
+    fill = os.urandom(4 << 20)
+    after = []
+    for side, run in ((pair.ref, pair.ref.ref), (pair.ours, pair.ours.ours)):
+        with open(loop_device, "r+b") as dev:
+            dev.write(fill)
+        outcome = run(*args.format(dev=loop_device).split())
+        with open(loop_device, "rb") as dev:
+            after.append((outcome, dev.read()))
+    assert after[0][0] == after[1][0], (after[0][0].text(), after[1][0].text())
+    assert after[0][1] == after[1][1]
