@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
                                    image_opts=image_opts, quiet=quiet or mode == "json")
     else:
         drv = open_image(filename, fmt, read_only=True, force_share=force_share,
-                         image_opts=image_opts)
+                         image_opts=image_opts, check=True)
         try:
             result = run_check(drv)
         finally:
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     failed = getattr(result, "failed", None)
     if failed:
         # the check could not complete (e.g. vmdk's "points after EOF"): no summary
-        raise Reported(f"Check failed: {failed}")
+        raise Reported(*getattr(result, "failed_lines", ()), f"Check failed: {failed}")
     report = image_check(result, filename, drv.format_name)
     if not quiet:
         sys.stdout.write(to_json(report) + "\n" if mode == "json" else human(report))

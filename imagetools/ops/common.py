@@ -67,10 +67,12 @@ def parse_image_opts(text: str, fmt: str | None) -> tuple[str, str | None]:
 def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
                force_share: bool = False, image_opts: bool = False,
                open_backing: bool = True, exit_code: int = 1,
-               cache: str | None = None, unchanged: bool = False) -> "Driver":
+               cache: str | None = None, unchanged: bool = False,
+               check: bool = False) -> "Driver":
     """Open an image (and its backing chain) as qemu-img's img_open would.
 
     ``cache`` is a qemu-img cache mode (-t/-T); "unsafe" never syncs.
+    ``check``: open as qemu-img check does (QEMU's BDRV_O_CHECK).
     ``unchanged``: nobody may write to the image or its backing files while
     it is open (qemu-img convert's sources), unless ``force_share`` (-U).
     """
@@ -81,7 +83,7 @@ def open_image(filename: str, fmt: str | None = None, *, read_only: bool = True,
     try:
         extra = {} if cache is None else {"cache": "none" if cache == "off" else cache}
         drv = image.open_image(filename, fmt, read_only=read_only, force_share=force_share,
-                               open_backing=open_backing, **extra)
+                               open_backing=open_backing, check=check, **extra)
         if unchanged and not force_share:
             try:
                 image.refuse_writers(drv)

@@ -72,6 +72,10 @@ class CheckResult:
         self.rebuild = False
         #: errno of a repair that could not complete (qemu-img: "Check failed: ...")
         self.repair_errno: int | None = None
+        #: why the check could not run (qemu-img: "Check failed: <failed>"),
+        #: after the error lines that led to it
+        self.failed: str | None = None
+        self.failed_lines: list[str] = []
 
     def report(self, line: str) -> None:
         self.messages.append(line)
@@ -167,6 +171,12 @@ class _Counter:
 def check_image(drv: "Qcow2Driver") -> CheckResult:
     """Check ``drv`` (an open qcow2 image, metadata written back) for consistency."""
     res = CheckResult(drv.filename, "qcow2")
+    if drv.open_failed:
+        # QEMU's check stops at an unreadable snapshot table (its line is
+        # an error report: the CLI prints it with the program name)
+        res.failed_lines = list(drv.open_errors)
+        res.failed = drv.open_failed
+        return res
     res.total_clusters = -(-drv.size // drv.cluster_size)
     counter = _Counter(drv, res)
     check_snapshot_table(drv, res)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 
-from imagetools.errors import CorruptImageError, ImageError, ImageOpenError
+from imagetools.errors import CorruptImageError, ImageError, ImageIOError, ImageOpenError
 from imagetools.formats import magic
 from imagetools.formats.base import Driver, SnapshotInfo
 from imagetools.formats.hostfile import HostFile
@@ -85,17 +85,26 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         self.header = h = hdr.parse_header(first, length, check_mode=check_mode)
         #: problems found while opening in check mode (reported by check())
         self.open_errors: list[str] = []
+        #: why a check cannot run at all (qemu-img: "Check failed: ...")
+        self.open_failed: str | None = None
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and not read_only and not check_mode:
             raise CorruptImageError("qcow2: Image is corrupt; cannot be opened read/write")
         self.layout = Layout(h)
         self.cluster_bits = h.cluster_bits
         self._cluster_size = h.cluster_size
         self._size = h.size
-        self.l1 = L1Table(file, h.l1_table_offset, h.l1_size)
-        self.refcounts = Refcounts(file, self.layout, h.refcount_table_offset,
-                                   h.refcount_table_clusters,
-                                   update_header=self._write_reftable_pointer,
-                                   read_only=read_only)
+        try:
+            self.l1 = L1Table(file, h.l1_table_offset, h.l1_size)
+        except ImageIOError as err:
+            raise ImageError(f"Could not read L1 table: {_reason(err)}") from None
+        try:
+            self.refcounts = Refcounts(file, self.layout, h.refcount_table_offset,
+                                       h.refcount_table_clusters,
+                                       update_header=self._write_reftable_pointer,
+                                       read_only=read_only)
+        except ImageIOError as err:
+            raise ImageError(f"Could not initialize refcount handling: {_reason(err)}") \
+                from None
         self.l2_cache = L2Cache(file, self.layout)
         self._open_data_file(filename)
         self._snapshots = []
@@ -107,6 +116,12 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
                 if not check_mode:
                     raise
                 self.open_errors.append(f"ERROR snapshot table: {err}")
+            except ImageIOError as err:
+                message = f"Failed to read snapshot table: {_reason(err)}"
+                if not check_mode:
+                    raise ImageError(message) from None
+                self.open_errors.append(f"ERROR failed to read the snapshot table: {message}")
+                self.open_failed = _reason(err)
         self._bitmaps = None
         self._compressed_cache: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
@@ -501,3 +516,8 @@ def _data_file_path(image: str, name: str) -> str:
 
 
 DRIVER = Qcow2Driver
+
+
+def _reason(err: ImageIOError) -> str:
+    """The strerror QEMU appends to an open failure."""
+    return os.strerror(err.errno) if err.errno else str(err)

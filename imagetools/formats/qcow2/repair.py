@@ -26,7 +26,7 @@ import struct
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.check import (
     FIX_ERRORS, FIX_LEAKS, CheckResult, _calculate_refcounts, _check_oflag_copied,
-    _compare_refcounts, _Counter, check_snapshot_table)
+    _compare_refcounts, _Counter, check_image, check_snapshot_table)
 from imagetools.formats.qcow2.layout import QCOW_OFLAG_ZERO
 from imagetools.formats.qcow2.tables import be64_bytes
 
@@ -79,6 +79,8 @@ def check_and_repair(drv: "Qcow2Driver", fix: int) -> CheckResult:
     ``res.repair_errno`` is set (EIO) when the image needs a rebuild that ``fix``
     does not allow; then nothing was changed by the comparison.
     """
+    if drv.open_failed:
+        return check_image(drv)             # nothing can be repaired: "Check failed"
     drv.writeback()
     res = CheckResult(drv.filename, "qcow2")
     res.total_clusters = -(-drv.size // drv.cluster_size)

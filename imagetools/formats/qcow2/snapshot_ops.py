@@ -134,6 +134,10 @@ def rewrite_table(drv: "Qcow2Driver") -> None:
     h.nb_snapshots, h.snapshots_offset = len(snaps), offset
     if old_size:
         first = old_offset // cs
-        rc.defer_free(first, (old_offset + old_size - 1) // cs - first + 1, discard=True)
+        count = (old_offset + old_size - 1) // cs - first + 1
+        # an old table that nothing counts (it lay past the end of the file)
+        # has nothing to free; QEMU fails there and leaks a cluster
+        if all(rc.get(c) for c in range(first, first + count)):
+            rc.defer_free(first, count, discard=True)
     drv.writeback()
     drv._reload_metadata()
