@@ -69,18 +69,24 @@ def test_a_command_without_a_module_says_not_implemented(capsys, monkeypatch) ->
     assert err == "qimg: 'frobnicate' is not implemented yet\n"
 
 
-# issue 5's commands answer "not implemented yet" until their module lands
-PENDING = [c for c in ("commit", "rebase", "resize", "amend", "bitmap")
-           if importlib.util.find_spec(f"imagetools.ops.{c}") is None]
+#: the qemu-img 7.2 commands qimg does not implement (docs/qimg.md says so)
+UNIMPLEMENTED = ["bitmap"]
 
 
-@pytest.mark.parametrize("command", PENDING)
-def test_pending_commands_say_not_implemented(capsys, command: str) -> None:
-    if importlib.util.find_spec(f"imagetools.ops.{command}") is not None:
-        pytest.skip(f"imagetools/ops/{command}.py landed after collection")
-    rc, out, err = run_main(capsys, command, "x.qcow2")
+def test_every_other_command_has_its_module() -> None:
+    """A command that lost (or never got) its module would answer "not
+    implemented yet" instead of working: only the documented ones may."""
+    missing = [c for c in cli.COMMANDS
+               if importlib.util.find_spec(f"imagetools.ops.{c}") is None]
+    assert missing == UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("argv", [["bitmap"], ["bitmap", "--add", "x.qcow2", "b0"],
+                                  ["bitmap", "--help"]])
+def test_bitmap_says_not_implemented_in_one_line(capsys, argv) -> None:
+    rc, out, err = run_main(capsys, *argv)
     assert (rc, out) == (1, "")
-    assert err == f"qimg: '{command}' is not implemented yet\n"
+    assert err == "qimg: 'bitmap' is not implemented yet\n"
 
 
 def test_prefix_follows_the_program_name() -> None:
