@@ -10,11 +10,9 @@ a QEMU guest.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import pwd
-import random
 import re
 import socket
 import stat as stat_module
@@ -202,11 +200,8 @@ class Platform:
 
     def settimeofday(self, seconds: int, microseconds: int) -> None:
         """Set the system clock. Raises OSError."""
-        tv = (ctypes.c_long * 2)(seconds, microseconds)
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.settimeofday(ctypes.byref(tv), None) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        from agent import libc
+        libc.settimeofday(seconds, microseconds)
 
     def local_year(self, seconds: int) -> int:
         """The calendar year of ``seconds`` since the epoch in local time."""
@@ -229,23 +224,8 @@ class Platform:
 
     def getifaddrs(self) -> list[IfAddr]:
         """Every entry of getifaddrs(3), in its order."""
-        libc = ctypes.CDLL(None, use_errno=True)
-        head = ctypes.POINTER(_IfAddrs)()
-        if libc.getifaddrs(ctypes.byref(head)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        entries = []
-        try:
-            node = head
-            while node:
-                ifa = node.contents
-                entries.append(IfAddr(os.fsdecode(ifa.ifa_name),
-                                      *_sockaddr_parts(ifa.ifa_addr),
-                                      _sockaddr_parts(ifa.ifa_netmask)[1]))
-                node = ifa.ifa_next
-        finally:
-            libc.freeifaddrs(head)
-        return entries
+        from agent import libc
+        return [IfAddr(*entry) for entry in libc.getifaddrs()]
 
     def hardware_address(self, ifname: str) -> bytes:
         """The 6-byte MAC of an interface (SIOCGIFHWADDR). Raises OSError."""
@@ -287,7 +267,7 @@ class Platform:
         real = self.path(path)
         tmp = guest_tmp = None
         for _ in range(100):
-            suffix = "".join(random.choices("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", k=6))
+            suffix = temporary_suffix()
             guest_tmp, tmp = f"{path}.{suffix}", f"{real}.{suffix}"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -354,9 +334,10 @@ class Platform:
 
     def nvme_smart_log(self, devnode: str) -> bytes | None:
         """The 512-byte SMART / health log page of an NVMe device, or None."""
-        buf = ctypes.create_string_buffer(512)
+        from agent import libc
+        buf, address = libc.buffer(512)
         cmd = struct.pack("=BBHIIIQQIIIIIIIIII",
-                          0x02, 0, 0, 0xFFFFFFFF, 0, 0, 0, ctypes.addressof(buf),
+                          0x02, 0, 0, 0xFFFFFFFF, 0, 0, 0, address,
                           0, 512, 0x02 | (1 << 15) | ((512 // 4 - 1) << 16),
                           0, 0, 0, 0, 0, 0, 0)
         try:
@@ -417,6 +398,13 @@ class Platform:
 
 # -- values and helpers of the catalogue methods above ----------------------
 
+_TMP_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def temporary_suffix() -> str:
+    """Six random letters or digits, for a temporary ``NAME.XXXXXX`` beside a file."""
+    return "".join(_TMP_LETTERS[b % len(_TMP_LETTERS)] for b in os.urandom(6))
+
 _FITRIM = 0xC0185879            # _IOWR('X', 121, struct fstrim_range)
 _SIOCGIFHWADDR = 0x8927
 _NVME_IOCTL_ADMIN_CMD = 0xC0484E41  # _IOWR('N', 0x41, struct nvme_passthru_cmd)
@@ -467,32 +455,6 @@ def _parse_mountinfo_line(line: bytes) -> tuple[str, str, str, int, int] | None:
     return (os.fsdecode(_unescape_mount(m.group(3))), os.fsdecode(tail.group(1)),
             os.fsdecode(_unescape_mount(tail.group(2))),
             int(m.group(1)) & 0xFFFFFFFF, int(m.group(2)) & 0xFFFFFFFF)
-
-
-class _SockAddr(ctypes.Structure):
-    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_char * 14)]
-
-
-class _IfAddrs(ctypes.Structure):
-    pass
-
-
-_IfAddrs._fields_ = [("ifa_next", ctypes.POINTER(_IfAddrs)), ("ifa_name", ctypes.c_char_p),
-                     ("ifa_flags", ctypes.c_uint), ("ifa_addr", ctypes.POINTER(_SockAddr)),
-                     ("ifa_netmask", ctypes.POINTER(_SockAddr)),
-                     ("ifa_ifu", ctypes.POINTER(_SockAddr)), ("ifa_data", ctypes.c_void_p)]
-
-
-def _sockaddr_parts(ptr) -> tuple[int | None, bytes | None]:
-    """(family, raw address bytes) of a sockaddr pointer; IPv4 and IPv6 only."""
-    if not ptr:
-        return None, None
-    family = ptr.contents.sa_family
-    if family == socket.AF_INET:
-        return family, ctypes.string_at(ptr, 8)[4:8]
-    if family == socket.AF_INET6:
-        return family, ctypes.string_at(ptr, 24)[8:24]
-    return family, None
 
 
 _POSIX_TZ = re.compile(r"(?:[A-Za-z]{3,}|<[A-Za-z0-9+-]{3,}>)[+-]?\d{1,2}(?::\d{1,2}){0,2}")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
+
+from agent.platform import temporary_suffix
 
 STATE_FILE = "qga.state"
 FROZEN_MARKER = "qga.state.isfrozen"
@@ -62,12 +63,19 @@ class StateDir:
 
     @staticmethod
     def _write_atomically(path: str, data: bytes) -> None:
-        directory = os.path.dirname(path) or "."
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=directory)
-        except OSError as exc:
-            raise OSError(exc.errno, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
-                                     f"{os.strerror(exc.errno or errno.EIO)}") from None
+        for _ in range(100):
+            tmp = f"{path}.{temporary_suffix()}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise OSError(exc.errno, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
+                                         f"{os.strerror(exc.errno or errno.EIO)}") from None
+        else:
+            raise OSError(errno.EEXIST, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
+                                        f"{os.strerror(errno.EEXIST)}")
         try:
             os.write(fd, data)
             os.fsync(fd)

@@ -9,8 +9,8 @@ reproduce.
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 CATALOGUE = "qga-commands.json"
@@ -18,8 +18,10 @@ CATALOGUE = "qga-commands.json"
 
 @lru_cache(maxsize=1)
 def catalogue() -> dict[str, Any]:
-    text = resources.files(__name__).joinpath(CATALOGUE).read_text(encoding="utf-8")
-    return json.loads(text)
+    # a plain open beside this file: importlib.resources would cost the
+    # resident agent about 1 MiB of modules (tempfile, shutil, zipfile...)
+    with open(os.path.join(os.path.dirname(__file__), CATALOGUE), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def commands() -> dict[str, dict[str, Any]]:
