@@ -90,6 +90,24 @@ class Txn:
         #: replaced L2 tables: old host offset -> new words
         self.l2: dict[int, array] = {}
         self._hint = 0
+        #: clusters today's metadata occupies, counted or not (a damaged
+        #: image's table may reach past the end of the file, where nothing
+        #: counts it): never a home for new metadata
+        self.occupied = drv._metadata_clusters()
+        self._refuse_uncounted_metadata()
+
+    def _refuse_uncounted_metadata(self) -> None:
+        """A table nothing counts (it reaches past the end of the file, or
+        its refcount is 0) would be kept, moved or overwritten wrongly by a
+        transaction; QEMU stops at its overlap check there. Refuse before
+        anything is written: ``check -r all`` repairs the image first."""
+        stored = self.stored
+        for cluster, name in self.occupied.items():
+            if cluster >= len(stored) or not stored[cluster]:
+                from imagetools.image import warn
+                warn(f"qcow2: {name} at {cluster << self.cbits:#x} is not counted by the "
+                     "refcounts; repair the image with 'check -r all' first")
+                raise ImageIOError("Input/output error", errno.EIO)
 
     # -- reading the current metadata ------------------------------------------
 
@@ -280,7 +298,8 @@ class Txn:
 
     def _is_free(self, cluster: int) -> bool:
         return (cluster >= len(self.counts) or not self.counts[cluster]) and \
-            (cluster >= len(self.stored) or not self.stored[cluster])
+            (cluster >= len(self.stored) or not self.stored[cluster]) and \
+            cluster not in self.occupied
 
     def _alloc(self, count: int) -> int:
         """First run of ``count`` clusters free before and after; counted as used."""

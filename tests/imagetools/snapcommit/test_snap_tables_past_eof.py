@@ -152,3 +152,24 @@ def test_tables_at_the_block_layer_limit(pair, offset, value, extra):
         return
     pair.same("check", "-r", "all", "d.qcow2")
     assert pair.ref.path("d.qcow2").read_bytes() == pair.ours.path("d.qcow2").read_bytes()
+
+
+def _corruptions(tools, name: str) -> int:
+    import json
+    run = tools.ref("check", "--output=json", name)
+    return json.loads(run.out).get("corruptions", 0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_snapshot_never_adds_damage(pair, case):
+    """Writing to a damaged image: qemu-img either succeeds or stops at its
+    overlap check (marking the image corrupt); qimg's transaction never puts
+    new metadata where a table already lies (counted or not), so the image
+    has no more corruption afterwards than before; a refusal says why in one
+    warning and fails with qemu-img's error line."""
+    _make(pair, case)
+    tools = pair.ours
+    before = _corruptions(tools, "d.qcow2")
+    run = tools.ours("snapshot", "-c", "s1", "d.qcow2")
+    assert run.rc in (0, 1) and len(run.err.splitlines()) <= 2, run.text()
+    assert _corruptions(tools, "d.qcow2") <= before
