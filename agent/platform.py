@@ -10,6 +10,7 @@ a QEMU guest.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pwd
@@ -265,17 +266,11 @@ class Platform:
         ``PATH.XXXXXX`` beside it, written, fsynced and renamed over it.
         Raises ReplaceError, which tells the failing step and temporary name."""
         real = self.path(path)
-        tmp = guest_tmp = None
-        for _ in range(100):
-            suffix = temporary_suffix()
-            guest_tmp, tmp = f"{path}.{suffix}", f"{real}.{suffix}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-                break
-            except FileExistsError:
-                continue
-            except OSError as err:
-                raise ReplaceError(err.errno, "create", guest_tmp) from None
+        try:
+            fd, suffix = create_temporary(real, 0o666)
+        except OSError as err:
+            raise ReplaceError(err.errno, "create", f"{path}.{err.filename}") from None
+        guest_tmp, tmp = f"{path}.{suffix}", f"{real}.{suffix}"
         try:
             view = memoryview(data)
             while view:
@@ -401,9 +396,21 @@ class Platform:
 _TMP_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 
-def temporary_suffix() -> str:
-    """Six random letters or digits, for a temporary ``NAME.XXXXXX`` beside a file."""
-    return "".join(_TMP_LETTERS[b % len(_TMP_LETTERS)] for b in os.urandom(6))
+def create_temporary(path: str, mode: int) -> tuple[int, str]:
+    """Create ``PATH.XXXXXX`` (six random letters or digits) exclusively, as
+    g_mkstemp does: (write-only fd, the suffix). An OSError carries the
+    suffix of the name it failed on as its ``filename``."""
+    suffix = ""
+    for _ in range(100):
+        suffix = "".join(_TMP_LETTERS[b % len(_TMP_LETTERS)] for b in os.urandom(6))
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            return os.open(f"{path}.{suffix}", flags, mode), suffix
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, suffix) from None
+    raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), suffix)
 
 _FITRIM = 0xC0185879            # _IOWR('X', 121, struct fstrim_range)
 _SIOCGIFHWADDR = 0x8927

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 
-from agent.platform import temporary_suffix
+from agent.platform import create_temporary
 
 STATE_FILE = "qga.state"
 FROZEN_MARKER = "qga.state.isfrozen"
@@ -63,19 +63,12 @@ class StateDir:
 
     @staticmethod
     def _write_atomically(path: str, data: bytes) -> None:
-        for _ in range(100):
-            tmp = f"{path}.{temporary_suffix()}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise OSError(exc.errno, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
-                                         f"{os.strerror(exc.errno or errno.EIO)}") from None
-        else:
-            raise OSError(errno.EEXIST, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
-                                        f"{os.strerror(errno.EEXIST)}")
+        try:
+            fd, suffix = create_temporary(path, 0o600)
+        except OSError as exc:
+            raise OSError(exc.errno, f"Failed to create file \u201c{path}.XXXXXX\u201d: "
+                                     f"{os.strerror(exc.errno or errno.EIO)}") from None
+        tmp = f"{path}.{suffix}"
         try:
             os.write(fd, data)
             os.fsync(fd)
