@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # and what the guest test builds its initramfs from.
 SYSTEM_PACKAGES := qemu-utils qemu-guest-agent qemu-system-x86 e2fsprogs \
 	util-linux psmisc busybox-static python3-venv python3-pip zstd \
-	iproute2 procps kmod
+	iproute2 procps kmod locales
 
 .PHONY: test demo system-deps venv clean
 

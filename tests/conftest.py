@@ -10,8 +10,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 
 import pytest
+
+
+def pytest_configure(config):
+    """Default dispositions for SIGINT and SIGHUP, whatever started pytest.
+
+    A run started in the background (``cmd &`` in a script, nohup) inherits
+    them ignored, and so would every agent, qemu-ga and quiesce process the
+    tests start: the tests of signal handling would then test the launcher.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
 
 ORACLES = {
     "qemu-img": "qemu-utils",
