@@ -110,6 +110,7 @@ def amend(drv: "Qcow2Driver", options: dict[str, Any], *, force: bool = False,
             if data_file_raw and not drv.data_file_raw:
                 raise ImageError("data-file-raw cannot be set on existing images")
     drv._writable_metadata()
+    drv.refuse_uncounted_metadata()
     helper = _Helper(progress, (new_version != old_version) + (refcount_bits != h.refcount_bits))
     if new_version > old_version:
         helper.start("upgrade")

@@ -94,20 +94,8 @@ class Txn:
         #: image's table may reach past the end of the file, where nothing
         #: counts it): never a home for new metadata
         self.occupied = drv._metadata_clusters()
-        self._refuse_uncounted_metadata()
-
-    def _refuse_uncounted_metadata(self) -> None:
-        """A table nothing counts (it reaches past the end of the file, or
-        its refcount is 0) would be kept, moved or overwritten wrongly by a
-        transaction; QEMU stops at its overlap check there. Refuse before
-        anything is written: ``check -r all`` repairs the image first."""
-        stored = self.stored
-        for cluster, name in self.occupied.items():
-            if cluster >= len(stored) or not stored[cluster]:
-                from imagetools.image import warn
-                warn(f"qcow2: {name} at {cluster << self.cbits:#x} is not counted by the "
-                     "refcounts; repair the image with 'check -r all' first")
-                raise ImageIOError("Input/output error", errno.EIO)
+        # a table nothing counts would be kept, moved or overwritten wrongly
+        drv.refuse_uncounted_metadata()
 
     # -- reading the current metadata ------------------------------------------
 

@@ -84,6 +84,8 @@ class Qcow2Writer:
         self._bitmap_tracker = None
         self._free_byte_offset = 0
         self._meta_clusters: dict[int, str] | None = None
+        #: refuse_uncounted_metadata passed (once per session)
+        self._metadata_counted = False
         self._corruption_reported = False
 
     # -- checks ----------------------------------------------------------
@@ -96,6 +98,8 @@ class Qcow2Writer:
         if self.corrupt:
             raise ImageIOError("qcow2: Image is corrupt; cannot be written to", errno.EIO)
         self._check_crypto()
+        if not self._metadata_counted:
+            self.refuse_uncounted_metadata()
         if not self._bitmaps_started:
             self._bitmaps_started = True
             from imagetools.formats.qcow2.bitmaps import BitmapTracker
@@ -161,6 +165,23 @@ class Qcow2Writer:
             self.refcounts.defer_free(host >> self.cluster_bits, 1, discard=discard)
 
     # -- metadata overlap protection -----------------------------------------
+
+    def refuse_uncounted_metadata(self) -> None:
+        """Before the first allocation of a session: every cluster the image's
+        metadata occupies must be counted. A table reaching past the end of
+        the file, or a refcount structure read as zeros there, would let the
+        allocator hand out the header or a table for new data; QEMU stops
+        such writes at its overlap check, qimg before anything is written
+        (``check -r all`` repairs the image)."""
+        meta = self._metadata_clusters()
+        rc = self.refcounts
+        for cluster, name in meta.items():
+            if not rc.get(cluster):
+                from imagetools.image import warn
+                warn(f"qcow2: {name} at {cluster << self.cluster_bits:#x} is not counted by "
+                     "the refcounts; repair the image with 'check -r all' first")
+                raise ImageIOError("Input/output error", errno.EIO)
+        self._metadata_counted = True
 
     def _note_metadata(self, offset: int, name: str = "active L2 table") -> None:
         if self._meta_clusters is not None:
