@@ -102,9 +102,13 @@ def test_resize_raw_past_the_limits(capped):
     "create -f qcow2 /dev/null 1M", "create -f qcow2 -o preallocation=full /dev/null 1M",
     "create -f vdi /dev/null 1M", "create -f qed /dev/null 1M",
     "resize -f raw /dev/null 1M", "resize -f raw /dev/null 0",
-    "info /dev/null", "check -f qcow2 /dev/null",
+    "info /dev/null", "check -f qcow2 /dev/null", "create -f raw /dev/zero 0",
+    "resize -f raw /dev/null +1M", "resize --shrink -f raw /dev/null 512",
+    "dd -O raw if=a.qcow2 of=/dev/null", "convert -O qcow2 a.qcow2 /dev/null",
+    "convert -O raw a.qcow2 /dev/null", "convert -n -O raw a.qcow2 /dev/zero",
 ])
 def test_device_files(pair, args):
+    pair.setup("image", "a.qcow2", "qcow2", "1M", "write -P 7 0 64k")
     pair.same(*args.split())
 
 
