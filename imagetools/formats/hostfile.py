@@ -18,6 +18,7 @@ import stat
 import struct
 
 from imagetools.errors import ImageIOError, ImageOpenError
+from imagetools.formats.base import BDRV_MAX_LENGTH
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -96,8 +97,8 @@ def io_error(what: str, err: OSError) -> ImageIOError:
     return ImageIOError(f"{what}: {err.strerror or err}", err.errno)
 
 
-#: QEMU's BDRV_MAX_LENGTH (see formats.base): no request may reach past it
-_MAX_REQUEST_END = ((1 << 63) - 1) // (1 << 30) * (1 << 30)
+#: no request may reach past QEMU's BDRV_MAX_LENGTH
+_MAX_REQUEST_END = BDRV_MAX_LENGTH
 #: fallocate errors that mean "not here" (ENODEV: a character device)
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
 _copy_file_range_ok = hasattr(os, "copy_file_range")
