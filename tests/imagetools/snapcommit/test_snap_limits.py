@@ -177,3 +177,17 @@ def test_rebase_of_a_petabyte_overlay_is_quick(tools):
              "read -P 1 576k 458240", "read -P 3 1048064 1024", "read -P 0 1049088 1M",
              "read -P 0 1023T 64k")
     assert tools.ref("check", "top.qcow2").rc == 0
+
+
+def test_commit_into_a_base_that_cannot_grow(capped):
+    """512-byte clusters cannot address 1 PiB within QEMU's L1 limit. qemu-img
+    7.2 aborts there trying to allocate 32 GiB (not run here); qimg fails in
+    one line and leaves the base as it was."""
+    tools = capped.ours
+    tools.image("base.qcow2", "qcow2", "1M", "write -P 1 0 1M", opts="cluster_size=512")
+    tools.image("top.qcow2", "qcow2", "1P", "write -P 3 0 64k", backing=("base.qcow2", "qcow2"))
+    before = tools.path("base.qcow2").read_bytes()
+    run = tools.ours("commit", "top.qcow2")
+    assert (run.rc, run.out) == (1, b"")
+    assert run.err == b"qemu-img: Failed to grow the L1 table: File too large\n"
+    assert tools.path("base.qcow2").read_bytes() == before
