@@ -75,6 +75,9 @@ class Txn:
 
     def __init__(self, drv: "Qcow2Driver") -> None:
         drv.writeback()
+        # a table nothing counts (past the end of the file) would look free
+        # here and be kept, moved or overwritten wrongly
+        drv.refuse_uncounted_metadata()
         drv._before_metadata_write()
         self.drv = drv
         self.layout = drv.layout
@@ -90,12 +93,6 @@ class Txn:
         #: replaced L2 tables: old host offset -> new words
         self.l2: dict[int, array] = {}
         self._hint = 0
-        #: clusters today's metadata occupies, counted or not (a damaged
-        #: image's table may reach past the end of the file, where nothing
-        #: counts it): never a home for new metadata
-        self.occupied = drv._metadata_clusters()
-        # a table nothing counts would be kept, moved or overwritten wrongly
-        drv.refuse_uncounted_metadata()
 
     # -- reading the current metadata ------------------------------------------
 
@@ -286,8 +283,7 @@ class Txn:
 
     def _is_free(self, cluster: int) -> bool:
         return (cluster >= len(self.counts) or not self.counts[cluster]) and \
-            (cluster >= len(self.stored) or not self.stored[cluster]) and \
-            cluster not in self.occupied
+            (cluster >= len(self.stored) or not self.stored[cluster])
 
     def _alloc(self, count: int) -> int:
         """First run of ``count`` clusters free before and after; counted as used."""

@@ -173,7 +173,9 @@ class Qcow2Writer:
         allocator hand out the header or a table for new data; QEMU stops
         such writes at its overlap check, qimg before anything is written
         (``check -r all`` repairs the image)."""
-        meta = self._metadata_clusters()
+        from imagetools.formats.qcow2.overlap import metadata_clusters
+        # built afresh: a map cached earlier in the session may be stale
+        self._meta_clusters = meta = metadata_clusters(self)
         rc = self.refcounts
         for cluster, name in meta.items():
             if not rc.get(cluster):
