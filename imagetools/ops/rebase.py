@@ -20,7 +20,9 @@ one write.
 from __future__ import annotations
 
 import errno
+import operator
 import os
+import struct
 
 from imagetools.errors import ImageError, ImageIOError, ImageOpenError
 from imagetools.ops.args import Getopt, show_help, usage_error
@@ -175,7 +177,7 @@ def copy_differences(top, prefix, new, progress=None) -> None:
             buf_new[:] = bytes(n)
         else:
             target.read_into(offset, buf_new)
-        _write_differences(top, offset, buf_old, buf_new, old_is_zero)
+        _write_differences(top, offset, old_buf, new_buf, n, old_is_zero)
         if progress is not None:
             progress.print(step, 100)
         offset += n
@@ -202,42 +204,69 @@ def _run(top, offset: int, length: int, test) -> tuple[bool, int]:
     return bool(answer), pos - offset
 
 
-def _write_differences(top, offset: int, old: bytes, new: bytes, old_is_zero: bool) -> None:
+def _write_differences(top, offset: int, old: bytearray, new: bytearray, length: int,
+                       old_is_zero: bool) -> None:
     """qemu-img's compare_buffers walk: maximal runs of 512-byte sectors that
     differ are written (zeros where the old backing file ended)."""
-    for start, end in diff_runs(old, new):
+    for start, end in diff_runs(old, new, length):
         if old_is_zero:
             top.write_zeroes(offset + start, end - start)
         else:
             top.write(offset + start, bytes(old[start:end]))
 
 
-def diff_runs(old: bytes, new: bytes, block: int = 64 << 10) -> list[tuple[int, int]]:
-    """Maximal runs of 512-byte sectors (counted from the start) where the
-    buffers differ; equal 64 KiB blocks are skipped with one comparison."""
-    a, b = old.obj if isinstance(old, memoryview) else old, \
-        new.obj if isinstance(new, memoryview) else new
-    n = len(old)
-    if len(a) != n:                        # a view of the front of a bigger buffer
-        a, b = a[:n], b[:n]
-    runs: list[list[int]] = []
-    if a == b:
+DIFF_BLOCK = 64 << 10
+_BLOCK_SECTORS = struct.Struct(f"{SECTOR}s" * (DIFF_BLOCK // SECTOR))
+
+
+def diff_runs(old, new, length: int | None = None) -> list[tuple[int, int]]:
+    """Maximal runs of 512-byte sectors (counted from the start; the last one
+    may be short) where the first ``length`` bytes of the buffers differ.
+
+    Equal buffers cost one comparison, equal 64 KiB blocks one each (none
+    copies anything); in a block that differs, all its sectors are cut and
+    compared in C (one struct unpack per buffer), which leaves a byte per
+    sector that says whether it differs, and runs are found in that with
+    ``find``."""
+    if isinstance(old, memoryview):
+        old = old.tobytes()
+    if isinstance(new, memoryview):
+        new = new.tobytes()
+    n = len(old) if length is None else length
+    if len(old) < n or len(new) < n:
+        raise ValueError(f"diff_runs: buffers of {len(old)} and {len(new)} bytes, "
+                         f"{n} to compare")
+    view_new = memoryview(new)
+    if old.startswith(view_new[:n]):       # the usual case, one memcmp
         return []
-    pos = 0
-    while pos < n:
-        end = min(n, pos + block)
-        blk_a, blk_b = a[pos:end], b[pos:end]
-        if blk_a != blk_b:
-            for k in range(0, end - pos, SECTOR):
-                if blk_a[k:k + SECTOR] != blk_b[k:k + SECTOR]:
-                    sector = pos + k
-                    stop = min(end, sector + SECTOR)
-                    if runs and runs[-1][1] == sector:
-                        runs[-1][1] = stop
-                    else:
-                        runs.append([sector, stop])
-        pos = end
+    runs: list[list[int]] = []
+    for pos in range(0, n, DIFF_BLOCK):
+        end = min(n, pos + DIFF_BLOCK)
+        if old.startswith(view_new[pos:end], pos):
+            continue
+        flags = _differing_sectors(old, new, pos, end)
+        i = flags.find(1)
+        while i >= 0:
+            j = flags.find(0, i)
+            if j < 0:
+                j = len(flags)
+            start, stop = pos + i * SECTOR, min(end, pos + j * SECTOR)
+            if runs and runs[-1][1] == start:
+                runs[-1][1] = stop
+            else:
+                runs.append([start, stop])
+            i = flags.find(1, j)
     return [(s, e) for s, e in runs]
+
+
+def _differing_sectors(old, new, pos: int, end: int) -> bytes:
+    """One byte per sector of ``[pos, end)``: 1 where the buffers differ."""
+    if end - pos == DIFF_BLOCK:
+        cut = _BLOCK_SECTORS
+    else:                                  # the last block: whole sectors and a short one
+        whole, short = divmod(end - pos, SECTOR)
+        cut = struct.Struct(f"{SECTOR}s" * whole + (f"{short}s" if short else ""))
+    return bytes(map(operator.ne, cut.unpack_from(old, pos), cut.unpack_from(new, pos)))
 
 
 def _change(top, out_base: str | None, out_fmt: str | None) -> None:
