@@ -32,7 +32,7 @@ SECTOR = 512
 IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
 MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
 BATCH_SECTORS = 8192                       # 4 MiB read-ahead batches
-BRIDGE_BYTES = 4 << 20                     # most data gathered across gaps for one write
+BRIDGE_BYTES = 1 << 20                     # most gathered for one write (4 MiB was slower)
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = 0, 1, 2     # ImgConvertBlockStatus
 PLAN_LIMIT = 4_000_000                             # chunks kept from the first pass
@@ -345,8 +345,10 @@ class Copier:
         self._pending: list | None = None
         # short zero gaps of a new qcow2 are bridged: see _bridges
         self._bridge_unit = self._bridge_unit_of(target)
+        # one buffer, made once: a new one per write costs page faults
         self._gathered: bytearray | None = None
-        self._gathered_start = 0
+        self._gathered_start: int | None = None         # sector; None: nothing gathered
+        self._gathered_len = 0
         self._gathered_data = 0
 
     # ---- chunking (convert_iteration_sectors) ----
@@ -592,16 +594,15 @@ class Copier:
         if self._pending is not None:
             end = self._pending[1]
             length = (end - self._pending[0]) * SECTOR
-        elif self._gathered is not None:
-            end = self._gathered_start + len(self._gathered) // SECTOR
+        elif self._gathered_start is not None:
+            end = self._gathered_start + self._gathered_len // SECTOR
             length = 0
         else:
             return False
         if sector < end:
             return False
-        if self._gathered is not None:
-            length += len(self._gathered)
-        if length + (sector - end + count) * SECTOR > BRIDGE_BYTES:
+        length += self._gathered_len
+        if length + (sector - end) * SECTOR > BRIDGE_BYTES:
             return False
         gap_start, gap_end = end * SECTOR, sector * SECTOR
         if gap_start == gap_end:
@@ -612,47 +613,58 @@ class Copier:
 
     def _gather(self, upto: int) -> None:
         """Move the pending write into the gathered buffer (a copy: its
-        buffer is reused), then zeros up to sector ``upto``."""
-        if self._gathered is None:
-            self._gathered = bytearray()
-            self._gathered_start = (self._pending[0] if self._pending is not None
-                                    else upto)
+        buffer is reused), then zeros up to sector ``upto``. The caller
+        keeps it within BRIDGE_BYTES."""
         pending = self._pending
+        if self._gathered_start is None:
+            self._gathered_start = pending[0] if pending is not None else upto
+            self._gathered_len = 0
+            if self._gathered is None:
+                self._gathered = bytearray(BRIDGE_BYTES)
+        buf, at = memoryview(self._gathered), self._gathered_len
         if pending is not None:
             self._pending = None
             start, end, data, first = pending
-            self._gathered += memoryview(data)[first * SECTOR:(first + end - start) * SECTOR]
-            self._gathered_data += (end - start) * SECTOR
-        missing = upto * SECTOR - (self._gathered_start * SECTOR + len(self._gathered))
-        if missing > 0:
-            self._gathered += bytes(missing)
+            n = (end - start) * SECTOR
+            buf[at:at + n] = memoryview(data)[first * SECTOR:first * SECTOR + n]
+            self._gathered_data += n
+            at += n
+        stop = (upto - self._gathered_start) * SECTOR
+        if stop > at:
+            buf[at:stop] = bytes(stop - at)
+            at = stop
+        self._gathered_len = at
 
     def _end_batch(self) -> None:
         """The batch buffer is about to be reused: keep a short pending
         write for bridging (copied), else write."""
         pending = self._pending
         if pending is not None and self._bridge_unit and \
+                self._gathered_len + (pending[1] - pending[0]) * SECTOR <= BRIDGE_BYTES and \
                 (pending[1] - pending[0]) * SECTOR < BRIDGE_BYTES // 4:
             self._gather(pending[1])
         else:
             self._flush_writes()
 
     def _flush_writes(self) -> None:
-        if self._gathered is not None:
-            self._gather(self._pending[1] if self._pending is not None else 0)
-            start, view, data = self._gathered_start, self._gathered, self._gathered_data
-            self._gathered, self._gathered_data = None, 0
-        elif self._pending is not None:
-            start, end, data, first = self._pending
+        if self._gathered_start is not None:
+            start, length = self._gathered_start, self._gathered_len
+            self._gathered_start, self._gathered_len = None, 0
+            self._write_out(start, memoryview(self._gathered)[:length], self._gathered_data)
+            self._gathered_data = 0
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            start, end, data, first = pending
             view = memoryview(data)[first * SECTOR:(first + end - start) * SECTOR]
-            self._pending, data = None, len(view)
-        else:
-            return
+            self._write_out(start, view, len(view))
+
+    def _write_out(self, sector: int, view, data_bytes: int) -> None:
         try:
-            self.target.write(start * SECTOR, view)
+            self.target.write(sector * SECTOR, view)
         except ImageError as err:
-            raise Reported(f"error while writing at byte {start * SECTOR}: {err}") from None
-        self.stats.data_bytes_written += data
+            raise Reported(f"error while writing at byte {sector * SECTOR}: {err}") from None
+        self.stats.data_bytes_written += data_bytes
 
     def _zero(self, sector: int, n: int, writer) -> None:
         self.stats.zero_bytes += n * SECTOR
