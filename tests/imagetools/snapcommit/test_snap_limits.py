@@ -63,7 +63,11 @@ def test_resize_qcow2_up_to_the_l1_limit(capped):
     capped.setup("image", "x.qcow2", "qcow2", "1M", "write -P 7 0 64k")
     capped.same("resize", "x.qcow2", str((2 << 50) + (512 << 20)))
     capped.same("resize", "x.qcow2", "2P")
-    capped.judged_same("info", "--output=json", "x.qcow2")
+    # actual-size is st_blocks: for a file with a freshly written 32 MiB L1
+    # table it includes the filesystem's own extent blocks and was seen 4 KiB
+    # apart between two identical files; the layout is judged by check's
+    # image-end-offset below
+    capped.judged_same("info", "--output=json", "x.qcow2", ignore=("actual-size",))
     capped.judged_same("check", "x.qcow2")
 
 
