@@ -100,9 +100,11 @@ def _judge(pair, target: str, fmt: str, exact_layout: bool = True) -> None:
                          ignore=() if exact_layout else ("image-end-offset", "fragmented-clusters"))
         pair.judged_same("info", "--output=json", target, ignore=("actual-size",))
     assert _settled(ref).st_size == _settled(ours).st_size
-    # the same data and holes; ext4 may spend a block or two more on extent
-    # trees depending on where it put the data, so allow that much
-    assert abs(_settled(ref).st_blocks - _settled(ours).st_blocks) <= 16
+    # the same data and holes; ext4 may spend a few blocks more on extent
+    # trees depending on where it put the data (seen: 24 sectors apart for a
+    # 3 MiB file under load), so allow 32 KiB -- a hole written as data would
+    # still show when the holes are clusters of 64 KiB or more
+    assert abs(_settled(ref).st_blocks - _settled(ours).st_blocks) <= 64
 
 
 def _settled(path):
