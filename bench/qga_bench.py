@@ -156,7 +156,14 @@ def measure_pair(workdir: Path, data_file: Path, pings: int) -> dict[str, dict]:
             conn.close()
         for proc in procs.values():
             proc.terminate()
-            proc.wait(10)
+        for proc in procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                # seen with qemu-ga 7.2 here: SIGTERM blocked in its signal
+                # mask, so it never arrives; never leave an agent behind
+                proc.kill()
+                proc.wait(10)
 
 
 KINDS = ("qemu-ga", "qga")
