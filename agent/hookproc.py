@@ -85,7 +85,9 @@ class HookProcess:
                     return True
                 if not self._read():
                     poller.unregister(fd)
-            if not events and deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
+                # checked whether or not output came: a hook printing
+                # without pause must not keep its deadline from being seen
                 return self.proc.poll() is not None
 
     def _read(self) -> bool:

@@ -287,6 +287,19 @@ def test_hook_timeout_counts_the_hook_not_its_background_child(tmp_path, wait_ki
 
 
 @pytest.mark.timeout(30)
+def test_hook_timeout_holds_for_a_hook_that_never_stops_printing(tmp_path, wait_kind):
+    # output arriving all the time must not keep the deadline from being seen
+    hook = tmp_path / "chatty"
+    hook.write_text("#!/bin/sh\nexec yes spam\n")
+    hook.chmod(0o755)
+    started = time.monotonic()
+    result = Platform().run_hook(str(hook), "freeze", timeout=0.5, capture=True)
+    assert time.monotonic() - started < 1.5
+    assert result.timed_out and result.output.startswith(b"spam\n")
+    assert len(result.output) <= hookproc.OUTPUT_LIMIT
+
+
+@pytest.mark.timeout(30)
 def test_hook_timeout_kills_a_hung_hook_and_its_session(tmp_path, wait_kind):
     hook = tmp_path / "hung"
     hook.write_text(f"#!/bin/sh\nsleep 30 &\necho $! > {tmp_path}/child.pid\necho hanging\nsleep 30\n")
