@@ -8,20 +8,8 @@ when several test directories run in one pytest session.
 from __future__ import annotations
 
 import json
-import subprocess
 
-import pytest
-
-from imagetools.formats.base import merge_extents
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a command with LC_ALL=C; fail the test with its stderr when it fails."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
+from image_oracle import our_map, run  # noqa: F401  (shared, re-exported)
 
 
 def qemu_map(qemu_img: str, path: str, fmt: str | None = None) -> list[dict]:
@@ -30,18 +18,6 @@ def qemu_map(qemu_img: str, path: str, fmt: str | None = None) -> list[dict]:
     if fmt:
         cmd += ["-f", fmt]
     return json.loads(run(*cmd, path).stdout)
-
-
-def our_map(drv) -> list[dict]:
-    """Our block status in qemu-img map's JSON shape (merged as qemu-img merges)."""
-    out = []
-    for ext in merge_extents(drv.block_status()):
-        entry = {"start": ext.start, "length": ext.length, "depth": ext.depth,
-                 "present": ext.present, "zero": ext.zero, "data": ext.data}
-        if ext.offset is not None:
-            entry["offset"] = ext.offset
-        out.append(entry)
-    return out
 
 
 def io_cmds(qemu_io_path: str, path: str, *commands: str, fmt: str = "qcow2") -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imagetools.formats.base import merge_extents
+from image_oracle import our_map, run  # noqa: F401  (shared, re-exported)
 
 DATA = Path(__file__).parent / "data"
 MiB = 1 << 20
@@ -26,15 +26,6 @@ FORMATS = ("qcow", "qed", "vdi", "vpc", "vhdx", "vmdk", "parallels", "bochs", "c
 
 #: the sample pattern: (offset, length, byte)
 PATTERN = ((0, 64 * 1024, 0xAA), (1049088, 4096, 0xBB), (4 * MiB - 4096, 4096, 0xCC))
-
-
-def run(*cmd: str, check: bool = True, timeout: float = 120,
-        cwd: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"})
-    if check and proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
 
 
 def io_run(path: str, fmt: str, *commands: str) -> None:
@@ -76,16 +67,6 @@ def qemu_check(path: str, fmt: str) -> dict:
 def qemu_compare(a: str, afmt: str, b: str, bfmt: str) -> subprocess.CompletedProcess:
     return run("qemu-img", "compare", "-f", afmt, "-F", bfmt, a, b, check=False)
 
-
-def our_map(drv) -> list[dict]:
-    out = []
-    for ext in merge_extents(drv.block_status()):
-        entry = {"start": ext.start, "length": ext.length, "depth": ext.depth,
-                 "present": ext.present, "zero": ext.zero, "data": ext.data}
-        if ext.offset is not None:
-            entry["offset"] = ext.offset
-        out.append(entry)
-    return out
 
 
 def our_check(drv) -> dict:
