@@ -26,28 +26,6 @@ LONG = [("help", 0, "h"), ("format", 1, "f"), ("output", 1, "output"),
 INT64_MAX = (1 << 63) - 1
 
 
-class MapEntry:
-    """One line of qemu-img map (mutable: the human form rewrites flags)."""
-
-    __slots__ = ("start", "length", "depth", "present", "zero", "data", "offset", "filename")
-
-    def __init__(self, start: int, length: int, depth: int = 0, present: bool = False,
-                 zero: bool = False, data: bool = False, offset: int | None = None,
-                 filename: str | None = None) -> None:
-        self.start, self.length, self.depth = start, length, depth
-        self.present, self.zero, self.data = present, zero, data
-        self.offset, self.filename = offset, filename
-
-    def mergeable(self, nxt: "MapEntry") -> bool:
-        if self.length == 0:
-            return False
-        if (self.zero != nxt.zero or self.data != nxt.data or self.depth != nxt.depth
-                or self.present != nxt.present or self.filename != nxt.filename
-                or (self.offset is None) != (nxt.offset is None)):
-            return False
-        return self.offset is None or self.offset + self.length == nxt.offset
-
-
 def main(argv: list[str]) -> int:
     fmt = output = None
     image_opts = force_share = False
@@ -112,127 +90,117 @@ def metadata_error(err) -> Reported:
 
 
 def entries(drv, start: int = 0, max_length: int = INT64_MAX):
-    """The image's block status for ``[start, start+max_length)``, unmerged."""
+    """The image's status for ``[start, start+max_length)`` in map's items,
+    in batches, unmerged (see :meth:`Driver.map_runs`)."""
     end = min(start + max_length, drv.size)
     if end <= start:
         return iter(())
-    return drv.block_status(start, end - start)
+    return drv.map_runs(start, end - start)
 
 
-def _fields(ext) -> tuple:
-    """(start, length, depth, present, zero, data, offset, file) of one extent,
-    with the offset (and file) only where qemu-img map shows one."""
-    offset = ext.offset
-    if offset is not None and not (ext.data or ext.zero):
-        offset = None
-    return (ext.start, ext.length, ext.depth, ext.present, ext.zero, ext.data, offset,
-            ext.filename if offset is not None else None)
-
-
-def merged(items, start: int = 0):
-    """MapEntry values merged as qemu-img merges them (at least one entry)."""
-    curr = MapEntry(start, 0)
-    for ext in items:
-        nxt = MapEntry(*_fields(ext))
-        if curr.mergeable(nxt):
-            curr.length += nxt.length
-            continue
-        if curr.length > 0:
-            yield curr
-        curr = nxt
-    yield curr
-
-
-_BOOL = ("false", "true")
 _BATCH = 4096
 
 
-def print_json(items, start: int = 0) -> None:
+def print_json(batches, start: int = 0) -> None:
     """qemu-img map's JSON, entry by entry in its own layout.
 
-    The loop merges runs inline and prints in batches: a fragmented image
-    has one entry per cluster, and this is where map spends its time.
+    The loop merges items inline as qemu-img does (same depth, present,
+    zero, data and file, and either no offset on both or offsets that
+    continue each other) and prints in batches: a fragmented image has one
+    entry per cluster, and this is where map spends its time.
     """
     write = sys.stdout.write
     lines: list[str] = []
+    append = lines.append
     write("[")
-    head = ""
     cs, cl, cd, cp, cz, cda, co, cf = start, 0, 0, False, False, False, None, None
+    cend = None                 # where the current entry's offset would continue
     try:
-        for ext in items:
-            s, l, d, p, z, da, o = (ext.start, ext.length, ext.depth, ext.present, ext.zero,
-                                    ext.data, ext.offset)
-            if o is not None and not (da or z):
-                o = None
-            f = ext.filename if o is not None else None
-            if (cl and z == cz and da == cda and d == cd and p == cp and f == cf
-                    and (co + cl == o if co is not None and o is not None
-                         else co is None and o is None)):
-                cl += l
-                continue
-            if cl:
-                if co is None:
-                    lines.append(_NO_OFFSET % (cs, cl, cd, _BOOL[cp], _BOOL[cz], _BOOL[cda]))
-                else:
-                    lines.append(_OFFSET % (cs, cl, cd, _BOOL[cp], _BOOL[cz], _BOOL[cda], co))
-                if len(lines) >= _BATCH:
-                    write(head + ",\n".join(lines) + ",\n")
-                    head, lines = "", []
-            cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+        for batch in batches:
+            for s, l, d, p, z, da, o, f in batch:
+                if o == cend and cl and z == cz and da == cda and d == cd and p == cp \
+                        and f == cf:
+                    cl += l
+                    if cend is not None:
+                        cend += l
+                    continue
+                if not cl:
+                    pass
+                elif co is None:
+                    append(f'{{ "start": {cs}, "length": {cl}, "depth": {cd}, "present": '
+                           f'{"true" if cp else "false"}, "zero": {"true" if cz else "false"}, '
+                           f'"data": {"true" if cda else "false"}}}')
+                else:           # the same with the offset (_json_line, inline: one a line)
+                    append(f'{{ "start": {cs}, "length": {cl}, "depth": {cd}, "present": '
+                           f'{"true" if cp else "false"}, "zero": {"true" if cz else "false"}, '
+                           f'"data": {"true" if cda else "false"}, "offset": {co}}}')
+                cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+                cend = None if o is None else o + l
+            if len(lines) >= _BATCH:
+                write(",\n".join(lines) + ",\n")
+                lines = []
+                append = lines.append
     except BaseException:
         if lines:
-            write(head + ",\n".join(lines) + ",\n")
+            write(",\n".join(lines) + ",\n")
         raise
     lines.append(_json_line(cs, cl, cd, cp, cz, cda, co))
-    write(head + ",\n".join(lines) + "]\n")
-
-
-_NO_OFFSET = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
-              '"data": %s}')
-_OFFSET = ('{ "start": %d, "length": %d, "depth": %d, "present": %s, "zero": %s, '
-           '"data": %s, "offset": %d}')
+    write(",\n".join(lines) + "]\n")
 
 
 def _json_line(s: int, l: int, d: int, p: bool, z: bool, da: bool, o: int | None) -> str:
     if o is None:
-        return _NO_OFFSET % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da])
-    return _OFFSET % (s, l, d, _BOOL[p], _BOOL[z], _BOOL[da], o)
+        return (f'{{ "start": {s}, "length": {l}, "depth": {d}, '
+                f'"present": {"true" if p else "false"}, "zero": {"true" if z else "false"}, '
+                f'"data": {"true" if da else "false"}}}')
+    return (f'{{ "start": {s}, "length": {l}, "depth": {d}, '
+            f'"present": {"true" if p else "false"}, "zero": {"true" if z else "false"}, '
+            f'"data": {"true" if da else "false"}, "offset": {o}}}')
 
 
-def print_human(items) -> None:
-    """qemu-img map's table: data ranges only, everything else merged as zero."""
+def print_human(batches) -> None:
+    """qemu-img map's table: data ranges only, everything else merged as zero.
+
+    After printing an entry, qemu-img turns the next one into plain zero
+    if it has no data or reads as zeros (to merge more): ``cda``/``cz`` are
+    rewritten the same way here.
+    """
     out = sys.stdout
-    lines = ["%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File")]
-    curr = MapEntry(0, 0)
+    lines = ["Offset          Length          Mapped to       File\n"]
+    cs, cl, cd, cp, cz, cda, co, cf = 0, 0, 0, False, False, False, None, None
+    cend = None                 # where the current entry's offset would continue
     try:
-        for ext in items:
-            nxt = MapEntry(*_fields(ext))
-            if curr.mergeable(nxt):
-                curr.length += nxt.length
-                continue
-            if curr.length > 0:
-                _human_entry(curr, nxt, lines)
-                if len(lines) >= _BATCH:
-                    out.write("".join(lines))
-                    lines = []
-            curr = nxt
-        if curr.length > 0:
-            _human_entry(curr, None, lines)
+        for batch in batches:
+            for s, l, d, p, z, da, o, f in batch:
+                if o == cend and cl and z == cz and da == cda and d == cd and p == cp \
+                        and f == cf:
+                    cl += l
+                    if cend is not None:
+                        cend += l
+                    continue
+                if cl:
+                    _human_line(cs, cl, cz, cda, co, cf, lines)
+                    if not da or z:
+                        da, z = False, True
+                cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+                cend = None if o is None else o + l
+            if len(lines) >= _BATCH:
+                out.write("".join(lines))
+                lines = []
+        if cl:
+            _human_line(cs, cl, cz, cda, co, cf, lines)
     finally:
         out.write("".join(lines))
 
 
-def _human_entry(e: MapEntry, nxt: MapEntry | None, lines: list[str]) -> None:
-    if e.data and e.offset is None:
+def _human_line(s: int, l: int, z: bool, da: bool, o: int | None, f: str | None,
+                lines: list[str]) -> None:
+    if da and o is None:
         raise Reported("File contains external, encrypted or compressed clusters.")
-    if e.data and not e.zero:
-        lines.append("%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length),
-                                               _hex(e.offset or 0), e.filename or ""))
-    if nxt is not None and (not nxt.data or nxt.zero):
-        nxt.data = False
-        nxt.zero = True
+    if da and not z:
+        lines.append(f"{_hex(s):<16}{_hex(l):<16}{_hex(o):<16}{f or ''}\n")
 
 
 def _hex(value: int) -> str:
     """C's ``%#x``: ``0`` for zero, ``0x...`` otherwise."""
-    return "%#x" % value if value else "0"
+    return f"{value:#x}" if value else "0"

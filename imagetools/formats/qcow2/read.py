@@ -13,14 +13,17 @@ cannot be right (unaligned L2 or data offsets) is signalled as QEMU does.
 from __future__ import annotations
 
 import os
+from itertools import compress, repeat
+from operator import not_
 
-from imagetools.errors import CorruptImageError, ImageIOError, UnsupportedError
+from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
 from imagetools.formats.base import Extent
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2 import header as hdr
+from imagetools.formats.qcow2.tables import contiguous_pairs, data_hosts
 from imagetools.formats.qcow2.layout import (
-    COMPRESSED, INVALID, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, UNALLOCATED_ALLOC,
-    UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+    COMPRESSED, INVALID, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_ZERO, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -28,6 +31,14 @@ if TYPE_CHECKING:
 
 #: run types that read from the backing file
 _UNALLOCATED = (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
+#: L2 entry bits that make an entry with a host offset something else than data
+_NOT_PLAIN_DATA = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
+_BOOLS = (False, True)
+_NOT_BOOLS = (True, False)
+_NONE_IF_0 = {0: None}
+_FLIP = bytes([1, 0]) + bytes(254)
+#: most clusters in one slice of :meth:`Qcow2Reader._slices`
+_SLICE_CLUSTERS = 4096
 
 
 class Run:
@@ -76,20 +87,23 @@ class Qcow2Reader:
             yield Run(start, n, type_, host, entry)
 
     def _merged(self, offset: int, length: int) -> Iterator[tuple]:
-        """(start, length, type, host, entry) runs, merged across L2 tables."""
-        end = offset + length
-        layout = self.layout
-        cov = layout.l2_coverage
+        """(start, length, type, host, entry) runs, merged across L2 tables.
+
+        Metadata that cannot be right fails the run it is met in, after the
+        runs before it (as QEMU, which meets it when a request starts there).
+        """
         p_start = p_len = p_type = p_host = p_entry = None
-        pos = offset
-        while pos < end:
-            l1i = pos // cov
-            slice_end = min(end, (l1i + 1) * cov)
-            values = self._l2_values(l1i)
-            if values is None:
-                pieces = ((pos, slice_end - pos, UNALLOCATED_PLAIN, None, 0),)
-            else:
-                pieces = self._l2_pieces(values, pos, slice_end)
+        for pos, stop in self._slices(offset, length):
+            pieces: list[tuple] = []
+            failure = None
+            try:
+                values = self._l2_values(pos // self.layout.l2_coverage)
+                if values is None:
+                    pieces.append((pos, stop - pos, UNALLOCATED_PLAIN, None, 0))
+                else:
+                    self._l2_pieces(values, pos, stop, pieces)
+            except ImageError as err:
+                failure = err
             for start, n, type_, host, entry in pieces:
                 if p_type == type_ and type_ != COMPRESSED and p_start + p_len == start and \
                         (host is None if p_host is None else
@@ -99,20 +113,38 @@ class Qcow2Reader:
                 if p_type is not None:
                     yield (p_start, p_len, p_type, p_host, p_entry)
                 p_start, p_len, p_type, p_host, p_entry = start, n, type_, host, entry
-            pos = slice_end
+            if failure is not None:
+                if p_type is not None:
+                    yield (p_start, p_len, p_type, p_host, p_entry)
+                raise failure
         if p_type is not None:
             yield (p_start, p_len, p_type, p_host, p_entry)
 
-    def _l2_pieces(self, values, pos: int, end: int) -> list[tuple]:
-        """(start, length, type, host, entry) pieces of one L2 slice.
+    def _slices(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        """``[offset, offset+length)`` as (start, end) slices inside one L2 table each.
+
+        A slice covers at most _SLICE_CLUSTERS clusters, so that the pieces
+        of a table of tiny clusters come in bounded batches.
+        """
+        end = offset + length
+        cov = self.layout.l2_coverage
+        most = _SLICE_CLUSTERS << self.cluster_bits
+        pos = offset
+        while pos < end:
+            stop = min(end, (pos // cov + 1) * cov, pos + most)
+            yield pos, stop
+            pos = stop
+
+    def _l2_pieces(self, values, pos: int, end: int, out: list[tuple]) -> None:
+        """Append the (start, length, type, host, entry) pieces of one L2 slice to ``out``.
 
         Consecutive clusters whose entries differ only by a contiguous host
-        offset (or are equal zero entries) come back as one piece.
+        offset (or are equal zero entries) come as one piece. An entry that
+        cannot be right raises with the pieces before it in ``out``.
         """
         layout = self.layout
         cs = self._cluster_size
         cbits = self.cluster_bits
-        out: list[tuple] = []
         append = out.append
         if layout.extended_l2:
             mask = layout.l2_entries - 1
@@ -123,50 +155,52 @@ class Qcow2Reader:
                 self._subcluster_pieces(values[2 * idx], values[2 * idx + 1], cstart,
                                         max(pos, cstart), min(end, cstart + cs), append)
                 ci += 1
-            return out
+            return
         mask = layout.l2_entries - 1
         ci = pos >> cbits
         table_base = (ci & ~mask) << cbits
         idx = ci & mask
         lim = ((end - 1) >> cbits) & mask
         cluster_type = layout.cluster_type
+        unaligned = (cs - 1) & L2E_OFFSET_MASK
+        s = pos
         while idx <= lim:
             entry = values[idx]
-            cstart = table_base + idx * cs
-            s = pos if pos > cstart else cstart
             j = idx + 1
-            if entry == 0:
-                while j <= lim and values[j] == 0:
+            host = None
+            if not entry:
+                while j <= lim and not values[j]:
                     j += 1
                 type_ = UNALLOCATED_PLAIN
-                host = None
             else:
-                type_ = cluster_type(entry)
-                if type_ in (NORMAL, ZERO_ALLOC):
-                    if entry & (cs - 1) & L2E_OFFSET_MASK:
+                if entry & _NOT_PLAIN_DATA or not entry & L2E_OFFSET_MASK:
+                    type_ = cluster_type(entry)
+                else:
+                    type_ = NORMAL
+                if type_ == NORMAL or type_ == ZERO_ALLOC:
+                    if entry & unaligned:
                         self._unaligned_cluster(entry, values, idx)
                     expect = entry + cs
                     while j <= lim and values[j] == expect:
                         expect += cs
                         j += 1
-                    host = (entry & L2E_OFFSET_MASK) + (s - cstart)
-                elif type_ == COMPRESSED:
-                    host = None
-                else:
+                    host = (entry & L2E_OFFSET_MASK) + (s - table_base - (idx << cbits))
+                elif type_ != COMPRESSED:
                     while j <= lim and values[j] == entry:
                         j += 1
-                    host = None
-            stop = table_base + j * cs
+            stop = table_base + (j << cbits)
             if stop > end:
                 stop = end
             append((s, stop - s, type_, host, entry))
+            s = stop
             idx = j
-        return out
 
     def _unaligned_cluster(self, entry: int, values, idx: int) -> None:
         table = next((t.offset for t in self.l2_cache.tables.values() if t.values is values), 0)
+        # C's %#x, as QEMU prints them: 0 without the 0x
         self.signal_corruption(f"Cluster allocation offset {entry & L2E_OFFSET_MASK:#x} "
-                               f"unaligned (L2 offset: {table:#x}, L2 index: {idx:#x})")
+                               f"unaligned (L2 offset: {table:#x}, L2 index: "
+                               f"{f'{idx:#x}' if idx else '0'})")
 
     def signal_corruption(self, message: str, *, fatal: bool = True) -> None:
         """Report metadata corruption as QEMU does and fail the request with EIO.
@@ -334,6 +368,159 @@ class Qcow2Reader:
                 yield Extent(start, n, True, True, False, None if crypt else host, 0, data_name)
             else:
                 yield from self._backing_status(Run(start, n, t, host), data_name)
+
+    def map_runs(self, offset: int, length: int) -> Iterator[list[tuple]]:
+        """qemu-img map's items (see :meth:`Driver.map_runs`) straight from the L2 tables.
+
+        One batch per slice of an L2 table, with no Extent in between: a
+        fragmented image has one item per cluster and map prints one line
+        each. Encrypted and metadata-preallocated images (whose data
+        clusters need the file's holes) and extended L2 entries
+        (subclusters) take the general way through :meth:`block_status`.
+        """
+        if self.layout.extended_l2 or self.encrypted or self._metadata_preallocated():
+            yield from super().map_runs(offset, length)
+            return
+        self._check_range(offset, length)
+        name = self.data_file.filename if self.data_file is not None else self.filename
+        cov = self.layout.l2_coverage
+        for pos, stop in self._slices(offset, length):
+            out: list[tuple] = []
+            try:
+                values = self._l2_values(pos // cov)
+                if values is None:
+                    self._map_unallocated(pos, stop - pos, out)
+                else:
+                    self._map_slice(values, pos, stop, name, out)
+            except Exception:
+                if out:
+                    yield out          # what came before the failure, then the failure
+                raise
+            yield out
+
+    def _map_slice(self, values, pos: int, end: int, name: str, out: list[tuple]) -> None:
+        """Map's items for one slice of a standard L2 table, appended to ``out``.
+
+        Data clusters (contiguous ones as one item) and unallocated runs
+        are handled here, entry by entry; runs of any other entry (zero,
+        compressed, unaligned, flags only) go through :meth:`_l2_pieces`.
+        """
+        cs = self._cluster_size
+        cbits = self.cluster_bits
+        mask = self.layout.l2_entries - 1
+        ci = pos >> cbits
+        base = (ci & ~mask) << cbits
+        idx = ci & mask
+        lim = ((end - 1) >> cbits) & mask
+        if not (pos | end) & (cs - 1):
+            found = data_hosts(values[idx:lim + 1], cbits)
+            # scattered: data clusters, few of which follow each other
+            data = 0 if found is None else found[1].count(1)
+            if data and 4 * contiguous_pairs(found[0], cs) < data:
+                self._map_scattered(*found, pos, name, out)
+                return
+        other = _NOT_PLAIN_DATA | ((cs - 1) & L2E_OFFSET_MASK)
+        append = out.append
+        s = pos
+        while idx <= lim:
+            entry = values[idx]
+            j = idx + 1
+            if entry and not entry & other and entry & L2E_OFFSET_MASK:
+                expect = entry + cs
+                while j <= lim and values[j] == expect:
+                    expect += cs
+                    j += 1
+                stop = base + (j << cbits)
+                if stop > end:
+                    stop = end
+                append((s, stop - s, 0, True, False, True,
+                        (entry & L2E_OFFSET_MASK) + (s - base - (idx << cbits)), name))
+            elif not entry:
+                while j <= lim and not values[j]:
+                    j += 1
+                stop = base + (j << cbits)
+                if stop > end:
+                    stop = end
+                self._map_unallocated(s, stop - s, out)
+            else:
+                while j <= lim and values[j] and (values[j] & other
+                                                  or not values[j] & L2E_OFFSET_MASK):
+                    j += 1
+                stop = base + (j << cbits)
+                if stop > end:
+                    stop = end
+                pieces: list[tuple] = []
+                try:
+                    self._l2_pieces(values, s, stop, pieces)
+                except ImageError:
+                    self._map_pieces(pieces, name, out)     # the items before the bad entry
+                    raise
+                self._map_pieces(pieces, name, out)
+            s = stop
+            idx = j
+
+    def _map_scattered(self, hosts, present: bytes, pos: int, name: str,
+                       out: list[tuple]) -> None:
+        """Map's items for whole clusters from ``pos`` whose data is scattered.
+
+        ``hosts`` and ``present``: each cluster's host offset and whether it
+        has data (see :func:`~.tables.data_hosts`). Every cluster is an item
+        of its own (the caller merges the few that follow each other), made
+        by zip at C speed; with a backing file, the unallocated runs between
+        them are looked up one run at a time.
+        """
+        cs = self._cluster_size
+        n = len(hosts)
+        starts = range(pos, pos + n * cs, cs)
+        if self.backing is None:
+            bools = _BOOLS.__getitem__
+            out += zip(starts, repeat(cs), repeat(0), map(bools, present),
+                       map(_NOT_BOOLS.__getitem__, present), map(bools, present),
+                       map(_NONE_IF_0.get, hosts, hosts), map((None, name).__getitem__, present))
+            return
+        items = list(zip(starts, repeat(cs), repeat(0), repeat(True), repeat(False),
+                         repeat(True), hosts, repeat(name)))
+        done = 0                       # items before this are in out
+        first = last = -2              # the unallocated run being gathered: [first, last]
+        for i in compress(range(n), present.translate(_FLIP)):
+            if i == last + 1:
+                last = i
+                continue
+            if first >= 0:
+                out += items[done:first]
+                self._map_unallocated(pos + first * cs, (last + 1 - first) * cs, out)
+                done = last + 1
+            first = last = i
+        if first >= 0:
+            out += items[done:first]
+            self._map_unallocated(pos + first * cs, (last + 1 - first) * cs, out)
+            done = last + 1
+        out += items[done:]
+
+    def _map_pieces(self, pieces: list[tuple], name: str, out: list[tuple]) -> None:
+        """Map's items for (start, length, type, host, entry) pieces (see _l2_pieces)."""
+        append = out.append
+        for start, n, type_, host, _ in pieces:
+            if type_ == NORMAL:
+                append((start, n, 0, True, False, True, host, name))
+            elif type_ == UNALLOCATED_PLAIN:
+                self._map_unallocated(start, n, out)
+            elif type_ == ZERO_PLAIN:
+                append((start, n, 0, True, True, False, None, None))
+            elif type_ == ZERO_ALLOC:
+                append((start, n, 0, True, True, False, host, name))
+            else:                                   # COMPRESSED
+                append((start, n, 0, True, False, True, None, None))
+
+    def _map_unallocated(self, start: int, length: int, out: list[tuple]) -> None:
+        """:meth:`_backing_status` in map's items (a run with no host cluster)."""
+        backing = self.backing
+        inside = max(0, min(length, backing.size - start)) if backing is not None else 0
+        if inside:
+            for batch in backing.map_runs(start, inside):
+                out += [(s, n, d + 1, p, z, da, o, f) for s, n, d, p, z, da, o, f in batch]
+        if inside < length:
+            out.append((start + inside, length - inside, 0, False, True, False, None, None))
 
     def _backing_status(self, run: Run, data_name: str) -> Iterator[Extent]:
         """Status of a run this image does not allocate (as qemu-img map sees it).

@@ -74,6 +74,56 @@ def plain_entries(words: array, cluster_bits: int) -> tuple[list[int], bytes, ar
     return list(filter(None, indices)), bytes(compress(flags, indices)), indices
 
 
+def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:
+    """Host offsets of standard L2 entries that are all unallocated or data.
+
+    Data: an aligned host offset, no zero, compressed or reserved bits
+    (COPIED may be set); unallocated: the entry is 0. Returns ``(hosts,
+    present)``: every entry's host offset (0 for the unallocated ones) and
+    a byte per entry, 1 for data and 0 for unallocated; None when an entry
+    is anything else (or the machine is big-endian). Tested on the
+    entries' bytes as :func:`plain_entries` does: the offsets are the
+    entries with their flag byte cleared.
+    """
+    if not _NATIVE_LE:
+        return None
+    raw = words.tobytes()
+    n = len(words)
+    if raw[7::8].translate(None, b"\x00\x80") or raw[0::8].translate(None, b"\x00"):
+        return None
+    below = (1 << (cluster_bits - 8)) - 1      # reserved bit 8 and the alignment bits
+    zeros = bytes(n)
+    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
+        return None
+    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
+        return None
+    present = 0
+    for lane in range(1, 7):
+        present |= int.from_bytes(raw[lane::8].translate(_NONZERO), "little")
+    if int.from_bytes(raw[7::8].translate(_NONZERO), "little") & ~present:
+        return None                 # COPIED without an offset: not data (or data file's 0)
+    cleared = bytearray(raw)
+    cleared[7::8] = zeros
+    return array("Q", cleared), present.to_bytes(n, "little")
+
+
+def contiguous_pairs(hosts: array, step: int) -> int:
+    """How many of ``hosts`` (after the first) are the one before plus ``step``.
+
+    Each offset plus ``step`` is compared with the next as 8-byte fields of
+    two big integers (XOR: a zero field is a match); offsets stay below
+    2**56, so the addition never carries into the next field.
+    """
+    n = len(hosts) - 1
+    if n <= 0 or not _NATIVE_LE:
+        return 0
+    packed = hosts.tobytes()
+    following = int.from_bytes(packed[:-8], "little") + \
+        int.from_bytes(step.to_bytes(8, "little") * n, "little")
+    diff = int.from_bytes(packed[8:], "little") ^ following
+    return array("Q", diff.to_bytes(8 * n, "little")).count(0)
+
+
 def with_copied(words: array, indices: array, copied: bool) -> array:
     """A plain table (see :func:`plain_entries`) with QCOW_OFLAG_COPIED set,
     or cleared, on every entry that has a host cluster; the others as they
@@ -91,6 +141,7 @@ def with_copied(words: array, indices: array, copied: bool) -> array:
 
 _MASKED: dict[int, bytes] = {}
 _ONE_TO_FF = bytes([0, 0xFF]) + bytes(254)
+_NONZERO = bytes([0]) + bytes([1]) * 255
 
 
 def _masked(mask: int) -> bytes:
