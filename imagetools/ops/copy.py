@@ -411,9 +411,61 @@ class Copier:
     # ---- the copy (convert_co_do_copy) ----
 
     def run(self, progress: Callable[[int, int], None] | None) -> ConvertStats:
-        # first pass, as qemu-img: how many sectors will count for progress;
-        # the chunks are kept (compactly) for the copy pass unless there are
-        # very many, in which case the copy pass walks the block status again
+        plan, allocated = None, 0
+        if progress is not None:
+            plan, allocated = self._first_pass()
+        done = 0
+        # a format that compresses may still store a given image plainly (a
+        # monolithicSparse vmdk): then the clusters are written as they are
+        writer = (_CompressedWriter(self.target)
+                  if self.compressed and _can_compress(self.target) else None)
+        reader = _Prefetch(self, 2 * BATCH_SECTORS * SECTOR, plan)
+        try:
+            run = _Runs()
+            for buf, items in reader:
+                for sector, n, status, at in items:
+                    if status == BLK_DATA:
+                        run.data(sector, n)
+                        if run.ended:
+                            self._end_batch()
+                        done += n
+                        if progress is not None:
+                            progress(done, allocated)
+                        self._copy_data(sector, n, buf, at, writer)
+                        continue
+                    run.other()
+                    if run.ended:
+                        self._end_batch()
+                    if not self.min_sparse:
+                        done += n
+                        if progress is not None:
+                            progress(done, allocated)
+                        self._copy_data(sector, n, bytes(n * SECTOR), 0, writer)
+                    else:
+                        self._zero(sector, n, writer)
+                if buf is not None:
+                    # a batch ends where a run does (its buffer is reused)
+                    run.other()
+                    if run.ended:
+                        self._end_batch()
+                    reader.release(buf)
+            self._flush_writes()
+        finally:
+            reader.close()
+            if writer is not None:
+                writer.finish()
+                self.stats.compressed_clusters = writer.clusters
+        self.stats.allocated_bytes = reader.allocated * SECTOR
+        return self.stats
+
+    def _first_pass(self):
+        """qemu-img's first pass: how many sectors will count for progress.
+
+        Only progress needs it (without ``-p`` the reader thread walks the
+        block status once, while the data is written). The chunks are kept
+        (compactly) for the copy pass unless there are very many, in which
+        case the copy pass walks the block status again.
+        """
         from array import array
         sectors, counts, kinds = array("q"), array("i"), bytearray()
         allocated = 0
@@ -427,42 +479,8 @@ class Copier:
                 kinds.append(status)
                 if len(kinds) > PLAN_LIMIT:
                     sectors, counts, kinds = None, None, None
-        self.stats.allocated_bytes = allocated * SECTOR
         plan = zip(sectors, counts, kinds) if kinds is not None else None
-        done = 0
-        # a format that compresses may still store a given image plainly (a
-        # monolithicSparse vmdk): then the clusters are written as they are
-        writer = (_CompressedWriter(self.target)
-                  if self.compressed and _can_compress(self.target) else None)
-        reader = _Prefetch(self, BATCH_SECTORS * SECTOR, plan)
-        try:
-            for kind, item in reader:
-                if kind == "batch":
-                    buf, start, chunks = item
-                    for sector, n in chunks:
-                        done += n
-                        if progress is not None:
-                            progress(done, allocated)
-                        self._copy_data(sector, n, buf, sector - start, writer)
-                    self._end_batch()
-                    reader.release(buf)
-                    continue
-                sector, n, status = item
-                if status == BLK_ZERO:
-                    if not self.min_sparse:
-                        done += n
-                        if progress is not None:
-                            progress(done, allocated)
-                        self._copy_data(sector, n, bytes(n * SECTOR), 0, writer)
-                    else:
-                        self._zero(sector, n, writer)
-            self._flush_writes()
-        finally:
-            reader.close()
-            if writer is not None:
-                writer.finish()
-                self.stats.compressed_clusters = writer.clusters
-        return self.stats
+        return plan, allocated
 
     def _copy_data(self, sector: int, n: int, data, first: int, writer) -> None:
         """Write ``n`` sectors held in ``data`` from sector index ``first``,
@@ -688,33 +706,75 @@ class Copier:
             time.sleep(delay)
 
 
+class _Runs:
+    """Where the writes of one run of adjacent data chunks end.
+
+    A run is what earlier versions read as one batch: adjacent data chunks,
+    at most BATCH_SECTORS from its first. At each run's end the copier
+    decides whether the pending write is kept for gathering or written
+    (:meth:`Copier._end_batch`); deciding at exactly these places keeps
+    the writes, and so the image layout, as they were before batches held
+    several runs. The reader and the writer each follow the runs with one
+    of these.
+    """
+
+    __slots__ = ("end", "count", "ended")
+
+    def __init__(self) -> None:
+        self.end = -1                 # sector after the current run (-1: none)
+        self.count = 0
+        #: the last chunk noted ended a run (the chunk before it was its last)
+        self.ended = False
+
+    def data(self, sector: int, n: int) -> bool:
+        """Note a data chunk; True if it starts a new run."""
+        more = self.end == sector and self.count + n <= BATCH_SECTORS
+        self.ended = self.end >= 0 and not more
+        self.count = self.count + n if more else n
+        self.end = sector + n
+        return not more
+
+    def other(self) -> None:
+        """Note a zero chunk (it ends the current run, if any)."""
+        self.ended = self.end >= 0
+        self.end = -1
+
+
 class _Prefetch:
     """The second pass over the chunks, run ahead in a thread.
 
-    It walks the sources' block status again (qemu-img's copy pass), reads
-    runs of adjacent data chunks as one batch of up to BATCH_SECTORS into a
-    reused buffer, and hands the main thread, in guest order, either
-    ``("batch", (buffer, first sector, [(sector, n), ...]))`` or
-    ``("other", (sector, n, status))`` for zero and backing chunks. Reading
-    and writing are system calls that release the GIL, so the next batch is
-    read while the current one is scanned and written (qemu-img gets the
-    same overlap from its I/O threads); a fragmented image's chunk per
-    cluster becomes a few large requests without changing what is written
-    where. Nothing is kept per chunk, so memory does not grow with the
-    image, and only the reader thread touches the sources.
+    It walks the sources' block status again (qemu-img's copy pass; the
+    first when there is no progress to show) and hands the main thread, in
+    guest order, batches ``(buffer, [(sector, n, status, at), ...])``: the
+    data chunks of a batch are read into the reused ``buffer`` (at sector
+    ``at``; adjacent ones with one read), zero chunks only listed (``buffer``
+    is None when a batch has no data). A batch holds whole runs (see
+    :class:`_Runs`) and ends when its buffer has no room for another or it
+    holds MAX_ITEMS chunks, so a fragmented image's short data runs between
+    holes cost one hand-over per few MiB, not one each. Reading and writing
+    are system calls that release the GIL, so the next batch is read while
+    the current one is scanned and written (qemu-img gets the same overlap
+    from its I/O threads). Nothing is kept per chunk beyond a batch, so
+    memory does not grow with the image, and only the reader thread
+    touches the sources.
     """
+
+    #: most chunks in one batch (bounds the list of a sparse image's zero runs)
+    MAX_ITEMS = 4096
 
     def __init__(self, copier: "Copier", size: int, plan=None, depth: int = 2) -> None:
         import queue
         import threading
         self.free: "queue.Queue" = queue.Queue()
-        self.ready: "queue.Queue" = queue.Queue(maxsize=256)
+        self.ready: "queue.Queue" = queue.Queue(maxsize=64)
         # buffers are made on demand (zero-filling memory costs time)
         self._size = size
         self._spare = depth + 1
         self._stop = False
         self._copier = copier
         self._plan = plan
+        #: sectors counted for progress (DATA, and ZERO with -S 0), as the first pass
+        self.allocated = 0
         self._thread = threading.Thread(target=self._work, daemon=True, name="qimg-reader")
         self._thread.start()
 
@@ -740,42 +800,77 @@ class _Prefetch:
                 continue
         return None
 
-    def _batch(self, start: int, count: int, chunks: list[tuple[int, int]]) -> bool:
-        buf = self._buffer()
-        if buf is None:
-            return False
-        self._copier.read_into(start, count, buf, chunks)
-        return self._put(("batch", (buf, start, chunks)))
-
     def _work(self) -> None:
         try:
-            chunks: list[tuple[int, int]] = []
-            start = count = 0
-            plan = self._plan if self._plan is not None else self._copier.chunks()
-            for sector, n, status in plan:
-                if self._stop:
-                    return
-                if status == BLK_DATA:
-                    if chunks and (start + count != sector or count + n > BATCH_SECTORS):
-                        if not self._batch(start, count, chunks):
-                            return
-                        chunks = []
-                    if not chunks:
-                        start, count = sector, 0
-                    chunks.append((sector, n))
-                    count += n
-                    continue
-                if chunks:
-                    if not self._batch(start, count, chunks):
-                        return
-                    chunks = []
-                if status != BLK_BACKING_FILE and not self._put(("other", (sector, n, status))):
-                    return
-            if chunks and not self._batch(start, count, chunks):
-                return
-            self._put(("end", None))
+            self._walk()
         except BaseException as err:          # handed to the main thread
             self._put(("error", err))
+
+    def _walk(self) -> None:
+        copier = self._copier
+        room = self._size // SECTOR
+        plan = self._plan if self._plan is not None else copier.chunks()
+        counted = (BLK_DATA,) if copier.min_sparse else (BLK_DATA, BLK_ZERO)
+        buf = None
+        items: list[tuple[int, int, int, int]] = []
+        used = 0                      # sectors of buf taken
+        span = 0                      # items[span:] are adjacent data chunks (one read)
+        run = _Runs()
+        for sector, n, status in plan:
+            if self._stop:
+                return
+            if status in counted:
+                self.allocated += n
+            if status == BLK_BACKING_FILE:
+                continue
+            if status != BLK_DATA:
+                run.other()
+                if len(items) >= self.MAX_ITEMS:
+                    if not self._hand_over(buf, items, span):
+                        return
+                    buf, items, used, span = None, [], 0, 0
+                self._read(buf, items, span)
+                span = len(items) + 1
+                items.append((sector, n, status, 0))
+                continue
+            if run.data(sector, n):
+                # a new run: it must fit whole (see _Runs)
+                if used + BATCH_SECTORS > room or len(items) >= self.MAX_ITEMS:
+                    if not self._hand_over(buf, items, span):
+                        return
+                    buf, items, used, span = None, [], 0, 0
+                self._read(buf, items, span)
+                span = len(items)
+            if buf is None:
+                buf = self._buffer()
+                if buf is None:
+                    return
+            items.append((sector, n, status, used))
+            used += n
+        if items and not self._hand_over(buf, items, span):
+            return
+        self._put(("end", None))
+
+    def _read(self, buf, items: list, span: int) -> None:
+        """Read the data chunks ``items[span:]`` (adjacent) into ``buf``. If
+        that fails, the batch's earlier chunks are still handed over first,
+        so that everything before the failing chunk is written."""
+        if span >= len(items):
+            return
+        start, _, _, at = items[span]
+        count = items[-1][0] + items[-1][1] - start
+        view = memoryview(buf)[at * SECTOR:(at + count) * SECTOR]
+        try:
+            self._copier.read_into(start, count, view,
+                                   [(sector, n) for sector, n, _, _ in items[span:]])
+        except BaseException:
+            if span:
+                self._put(("batch", (buf, items[:span])))
+            raise
+
+    def _hand_over(self, buf, items: list, span: int) -> bool:
+        self._read(buf, items, span)
+        return self._put(("batch", (buf, items)))
 
     def __iter__(self):
         while True:
@@ -784,7 +879,7 @@ class _Prefetch:
                 return
             if kind == "error":
                 raise item
-            yield kind, item
+            yield item
 
     def release(self, buf: bytearray) -> None:
         self.free.put(buf)
