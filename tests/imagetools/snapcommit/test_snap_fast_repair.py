@@ -1,0 +1,175 @@
+"""check -r all with a refcount rebuild: the recount derived from the first walk.
+
+After the refcount structure is rebuilt, QEMU walks every table again to
+count the references. When the first walk reported nothing, qimg derives
+that second count instead (the first one, minus the old refcount table and
+blocks, plus the new ones). Each case here is repaired three times: by
+qemu-img, by qimg, and by qimg with the derivation switched off (the walk
+QEMU does). The three must print the same, leave byte-identical files, and
+``qemu-img check`` must find them clean with the guest data unchanged; the
+test also makes sure the derivation was used (or, after a walk that
+reported something, was not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import struct
+
+import pytest
+from snap_helpers import guest_bytes, qemu_check, run
+
+from imagetools import cli
+from imagetools.formats.qcow2 import repair
+
+pytestmark = pytest.mark.oracle
+
+
+def _header(path):
+    with open(path, "rb") as f:
+        data = f.read(72)
+    cluster_bits = struct.unpack_from(">I", data, 20)[0]
+    l1_offset, rt_offset = struct.unpack_from(">QQ", data, 40)
+    return 1 << cluster_bits, l1_offset, rt_offset
+
+
+def _u64(path, offset):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def _put(path, offset, data):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _zero_refcount(path, cluster, width):
+    """Clear the stored refcount of ``cluster`` (in the first refcount block)."""
+    _, _, rt = _header(path)
+    block = _u64(path, rt)
+    if width >= 8:
+        _put(path, block + cluster * width // 8, bytes(width // 8))
+    else:
+        at = block + cluster * width // 8
+        with open(path, "rb") as f:
+            f.seek(at)
+            byte = f.read(1)[0]
+        shift = cluster * width % 8
+        _put(path, at, bytes([byte & ~(((1 << width) - 1) << shift) & 0xFF]))
+
+
+def _leak(path, index):
+    """Clear entry ``index`` of the first L2 table (its cluster leaks)."""
+    _, l1, _ = _header(path)
+    l2 = _u64(path, l1) & 0x00FFFFFFFFFFFE00
+    _put(path, l2 + 8 * index, bytes(8))
+
+
+def _qimg(argv, *, derive=True):
+    """qimg in this process: (exit code, stdout, stderr, whether derived)."""
+    out, err = io.StringIO(), io.StringIO()
+    used = []
+    real = repair._derived_recount
+
+    def spy(*args):
+        result = real(*args) if derive else None
+        used.append(result is not None)
+        return result
+
+    repair._derived_recount = spy
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(argv)
+    finally:
+        repair._derived_recount = real
+    return code, out.getvalue(), err.getvalue(), used
+
+
+def _build(qemu_img, qemu_io, path, size, opts, writes):
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, str(path), size)
+    for k in range(0, len(writes), 100):
+        argv = [qemu_io, "-f", "qcow2"]
+        for w in writes[k:k + 100]:
+            argv += ["-c", w]
+        run(*argv, str(path))
+
+
+SCATTER = [f"write -P {1 + k % 200} {(k * 37) % 256 * 64}k 64k" for k in range(150)]
+
+CASES = {
+    # name: (size, create options, qemu-io commands, snapshot, refcount width, breaks)
+    "scattered-16bit": ("16M", "cluster_size=64k", SCATTER, False, 16, [(20, 0)]),
+    "leaks-too": ("16M", "cluster_size=64k", SCATTER, False, 16, [(9, 0), ("leak", 3),
+                                                                  ("leak", 40)]),
+    "4k-clusters-many-blocks": ("24M", "cluster_size=4k",
+                                [f"write -P 7 {m}M 512k" for m in range(0, 24, 2)], False, 16,
+                                [(100, 0)]),
+    "512-byte-clusters-table-grows": ("12M", "cluster_size=512",
+                                      ["write -P 5 0 2M", "write -P 6 6M 5M"], False, 16,
+                                      [(40, 0)]),
+    "refcount-bits-1": ("8M", "cluster_size=64k,refcount_bits=1", ["write -P 3 0 3M"], False,
+                        1, [(6, 0)]),
+    "refcount-bits-64": ("8M", "cluster_size=64k,refcount_bits=64", ["write -P 3 0 3M"], False,
+                         64, [(6, 0)]),
+    "snapshot-and-compressed": ("8M", "cluster_size=64k",
+                                ["write -P 1 0 2M", "write -c -P 2 4M 64k",
+                                 "write -c -P 3 4160k 64k"], True, 16, [(7, 0)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_derived_recount_matches_qemu_img_and_the_walk(qemu_img, qemu_io, tmp_path, case):
+    size, opts, writes, snapshot, width, breaks = CASES[case]
+    base = tmp_path / "base.qcow2"
+    _build(qemu_img, qemu_io, base, size, opts, writes)
+    if snapshot:
+        run(qemu_img, "snapshot", "-c", "s1", str(base))
+        run(qemu_io, "-f", "qcow2", "-c", "write -P 9 1M 256k", str(base))
+    for what, arg in breaks:
+        if what == "leak":
+            _leak(str(base), arg)
+        else:
+            _zero_refcount(str(base), what, width)
+    ref, fast, slow = (tmp_path / f"{n}.qcow2" for n in ("ref", "fast", "slow"))
+    for p in (ref, fast, slow):
+        shutil.copy(base, p)
+    expected = run(qemu_img, "check", "-r", "all", str(ref), check=False)
+    assert b"Rebuilding refcount structure" in expected.stderr, expected.stderr
+    got = _qimg(["check", "-r", "all", str(fast)])
+    walked = _qimg(["check", "-r", "all", str(slow)], derive=False)
+    assert got[3] == [True], "the recount was not derived"
+    assert walked[3] == [False]
+    assert (got[0], got[1], got[2]) == (expected.returncode, expected.stdout.decode(),
+                                        expected.stderr.decode())
+    assert (walked[0], walked[1], walked[2]) == (got[0], got[1], got[2])
+    assert fast.read_bytes() == slow.read_bytes()
+    assert fast.read_bytes() == ref.read_bytes()
+    qemu_check(qemu_img, fast)
+    assert guest_bytes(qemu_img, fast, tmp_path) == guest_bytes(qemu_img, base, tmp_path)
+    if snapshot:
+        assert guest_bytes(qemu_img, fast, tmp_path, snapshot="s1") == \
+            guest_bytes(qemu_img, ref, tmp_path, snapshot="s1")
+
+
+def test_a_walk_that_reported_something_is_repeated(qemu_img, qemu_io, tmp_path):
+    """A data cluster on top of the refcount block: the walk reports the
+    block's refcount of 2, so the recount after the rebuild is walked."""
+    base = tmp_path / "base.qcow2"
+    _build(qemu_img, qemu_io, base, "8M", "cluster_size=64k", ["write -P 1 0 1M"])
+    _, l1, rt = _header(str(base))
+    l2 = _u64(str(base), l1) & 0x00FFFFFFFFFFFE00
+    _put(str(base), l2 + 8, struct.pack(">Q", (1 << 63) | _u64(str(base), rt)))
+    ref, ours = tmp_path / "ref.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(base, ref)
+    shutil.copy(base, ours)
+    expected = run(qemu_img, "check", "-r", "all", str(ref), check=False)
+    assert b"Rebuilding refcount structure" in expected.stderr, expected.stderr
+    got = _qimg(["check", "-r", "all", str(ours)])
+    assert got[3] == [False]
+    assert (got[0], got[1], got[2]) == (expected.returncode, expected.stdout.decode(),
+                                        expected.stderr.decode())
+    assert ours.read_bytes() == ref.read_bytes()
