@@ -208,11 +208,12 @@ def _write_differences(top, offset: int, old: bytearray, new: bytearray, length:
                        old_is_zero: bool) -> None:
     """qemu-img's compare_buffers walk: maximal runs of 512-byte sectors that
     differ are written (zeros where the old backing file ended)."""
+    view = memoryview(old)
     for start, end in diff_runs(old, new, length):
         if old_is_zero:
             top.write_zeroes(offset + start, end - start)
         else:
-            top.write(offset + start, bytes(old[start:end]))
+            top.write(offset + start, view[start:end])     # written before it returns
 
 
 DIFF_BLOCK = 64 << 10

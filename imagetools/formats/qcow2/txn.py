@@ -52,6 +52,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from imagetools.formats.qcow2.driver import Qcow2Driver
 
+_LITTLE = struct.pack("=H", 1) == struct.pack("<H", 1)
+
 #: header bytes 24..72: size, crypt_method, l1_size, l1_table_offset,
 #: refcount_table_offset, refcount_table_clusters, nb_snapshots, snapshots_offset
 _ROOTS = struct.Struct(">QIIQQIIQ")
@@ -93,6 +95,8 @@ class Txn:
         #: replaced L2 tables: old host offset -> new words
         self.l2: dict[int, array] = {}
         self._hint = 0
+        #: plain_entries of the tables looked at: id(words) -> (words, result)
+        self._plain: dict[int, tuple] = {}
 
     # -- reading the current metadata ------------------------------------------
 
@@ -116,6 +120,16 @@ class Txn:
         if offset % self.cs or offset + self.cs > self.file_len + self.cs:
             raise CorruptImageError(f"L2 table offset {offset:#x} is invalid")
         return self.drv.l2_cache.get(offset).values
+
+    def plain(self, words: array):
+        """:func:`~.tables.plain_entries` of ``words`` (a table this transaction
+        does not change in place), computed once per table."""
+        seen = self._plain.get(id(words))
+        if seen is not None and seen[0] is words:
+            return seen[1]
+        result = plain_entries(words, self.cbits)
+        self._plain[id(words)] = (words, result)
+        return result
 
     def snapshot_l1(self, index: int) -> array:
         """The L1 table of snapshot ``index`` (as changed in this transaction)."""
@@ -164,7 +178,7 @@ class Txn:
             self.add(l2_offset >> cbits, delta)
             words = self.l2_values(l2_offset)
             if step == 1 and not has_data_file:
-                plain = plain_entries(words, cbits)
+                plain = self.plain(words)
                 if plain is not None:           # the common table: whole-table passes
                     self._add_many(plain[0], delta)
                     continue
@@ -192,9 +206,31 @@ class Txn:
         if top >= len(counts):
             self.add(top, 0)
         limit = self.layout.refcount_max
+        first = clusters[0]
+        if delta in (1, -1) and clusters[-1] - first == len(clusters) - 1 > 64 and \
+                _LITTLE and clusters == list(range(first, first + len(clusters))):
+            self._add_run(first, len(clusters), delta)
+            return
         for c in clusters:
             counts[c] += delta if 0 <= counts[c] + delta <= limit else \
                 self._bad(c, counts[c] + delta)
+
+    def _add_run(self, first: int, count: int, delta: int) -> None:
+        """``delta`` (+1 or -1) on the ``count`` clusters from ``first`` (a table
+        written in one run, the common case): the run's refcounts are added
+        to as the fields of one big integer, which never carries from one
+        field to the next once every value is known to stay in range."""
+        counts = self.counts
+        part = counts[first:first + count]
+        edge = self.layout.refcount_max if delta > 0 else 0
+        if edge in part:
+            bad = first + part.index(edge)
+            self._bad(bad, counts[bad] + delta)
+        size = part.itemsize * count
+        ones = int.from_bytes(array(part.typecode, [1]).tobytes() * count, "little")
+        value = int.from_bytes(part.tobytes(), "little")
+        value = value + ones if delta > 0 else value - ones
+        counts[first:first + count] = array(part.typecode, value.to_bytes(size, "little"))
 
     def _bad(self, cluster: int, value: int) -> int:
         if value < 0:
@@ -263,7 +299,7 @@ class Txn:
         every entry with a host cluster (all refcounts 1: COPIED everywhere,
         none 1: nowhere -- what snapshot -c, -d and -a leave): the table
         itself if nothing changes, the new words, or None (entry by entry)."""
-        plain = plain_entries(words, self.cbits)
+        plain = self.plain(words)
         if plain is None:
             return None
         clusters, flags, indices = plain
@@ -503,9 +539,25 @@ class Txn:
     def _punch_freed(self) -> None:
         """Punch the clusters only the old metadata used out of the file."""
         stored, counts = self.stored, self.counts
-        n = min(len(counts), len(stored))
-        # in use before (stored != 0), not any more (count 0), at C speed
-        freed = list(compress(range(n), map(_gt, map(bool, stored[:n]), map(bool, counts[:n]))))
-        freed += [c for c in range(n, len(stored)) if stored[c]]
+        # only clusters counted before can be freed (the flat stored refcounts
+        # end in whole refcount blocks, mostly zeros past the end of the file)
+        used = len(stored.tobytes().rstrip(b"\0"))
+        n = min(len(counts), -(-used // stored.itemsize))
+        if counts[:n].count(0) * 16 > n:
+            # in use before (stored != 0), not any more (count 0), at C speed
+            freed = list(compress(range(n), map(_gt, map(bool, stored[:n]),
+                                                map(bool, counts[:n]))))
+        else:                         # few free clusters: look at those only
+            freed = []
+            find = counts.index
+            cluster = -1
+            while True:
+                try:
+                    cluster = find(0, cluster + 1, n)
+                except ValueError:
+                    break
+                if stored[cluster]:
+                    freed.append(cluster)
+        freed += [c for c in range(n, -(-used // stored.itemsize)) if stored[c]]
         if freed:
             self.drv.refcounts._punch(freed)
