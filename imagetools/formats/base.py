@@ -121,6 +121,47 @@ class Extent(_ExtentFields):
                       self.offset, self.depth + levels, self.filename, self.compressed)
 
 
+class MapStatus:
+    """What qemu-img map compares, besides contiguity, to merge two ranges.
+
+    ``depth``, ``present``, ``zero`` and ``data`` as in :class:`Extent`;
+    ``filename`` the file holding the data where a host offset is shown,
+    else None. Made only by :meth:`of`, which interns them: equal statuses
+    are the same object, so map compares them with ``is`` (a fragmented
+    image has one range per cluster).
+    """
+
+    __slots__ = ("depth", "present", "zero", "data", "filename", "_deeper")
+    _interned: dict[tuple, "MapStatus"] = {}
+
+    def __init__(self, depth: int, present: bool, zero: bool, data: bool,
+                 filename: str | None) -> None:
+        self.depth, self.present, self.zero, self.data = depth, present, zero, data
+        self.filename = filename
+        self._deeper: MapStatus | None = None
+
+    @classmethod
+    def of(cls, depth: int, present: bool, zero: bool, data: bool,
+           filename: str | None = None) -> "MapStatus":
+        key = (depth, bool(present), bool(zero), bool(data), filename)
+        status = cls._interned.get(key)
+        if status is None:
+            status = cls._interned[key] = cls(*key)
+        return status
+
+    def deeper(self) -> "MapStatus":
+        """The same status seen from the image above (one level deeper)."""
+        status = self._deeper
+        if status is None:
+            status = self._deeper = MapStatus.of(self.depth + 1, self.present, self.zero,
+                                                 self.data, self.filename)
+        return status
+
+    def __repr__(self) -> str:
+        return (f"MapStatus(depth={self.depth}, present={self.present}, zero={self.zero}, "
+                f"data={self.data}, filename={self.filename!r})")
+
+
 def merge_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
     """Merge adjacent runs with the same status (qemu-img map's rule)."""
     current: Extent | None = None
@@ -386,9 +427,9 @@ class Driver:
     def map_runs(self, offset: int, length: int) -> Iterator[list[tuple]]:
         """:meth:`block_status` in qemu-img map's terms, in batches (lists).
 
-        Each item is ``(start, length, depth, present, zero, data, offset,
-        filename)``, with ``offset`` and ``filename`` only where qemu-img map
-        shows them (ranges with data or that read as zeros), else None.
+        Each item is ``(start, length, status, offset)``: ``status`` a
+        :class:`MapStatus`, ``offset`` the host offset only where qemu-img
+        map shows one (ranges with data or that read as zeros), else None.
         Adjacent items may have equal status (the caller merges). When the
         status fails part-way, the items before the failure come as a last
         batch and the error follows, as they would have one by one.
@@ -396,14 +437,16 @@ class Driver:
         Drivers may give the same items faster (qcow2 goes from its L2
         tables straight to these tuples); this default works for every one.
         """
+        status = MapStatus.of
         batch: list[tuple] = []
         try:
             for ext in self.block_status(offset, length):
                 host = ext.offset
                 if host is not None and not (ext.data or ext.zero):
                     host = None
-                batch.append((ext.start, ext.length, ext.depth, ext.present, ext.zero,
-                              ext.data, host, None if host is None else ext.filename))
+                batch.append((ext.start, ext.length,
+                              status(ext.depth, ext.present, ext.zero, ext.data,
+                                     None if host is None else ext.filename), host))
                 if len(batch) >= _MAP_BATCH:
                     yield batch
                     batch = []

@@ -104,37 +104,36 @@ _BATCH = 4096
 def print_json(batches, start: int = 0) -> None:
     """qemu-img map's JSON, entry by entry in its own layout.
 
-    The loop merges items inline as qemu-img does (same depth, present,
-    zero, data and file, and either no offset on both or offsets that
-    continue each other) and prints in batches: a fragmented image has one
-    entry per cluster, and this is where map spends its time.
+    The loop merges items inline as qemu-img does (the same status and
+    either no offset on both or offsets that continue each other) and
+    prints in batches: a fragmented image has one entry per cluster, and
+    this is where map spends its time. Statuses are interned
+    (:class:`~imagetools.formats.base.MapStatus`), so they compare with
+    ``is`` and their part of the line is made once.
     """
+    from imagetools.formats.base import MapStatus
     write = sys.stdout.write
     lines: list[str] = []
     append = lines.append
+    parts: dict = {}
     write("[")
-    cs, cl, cd, cp, cz, cda, co, cf = start, 0, 0, False, False, False, None, None
+    cs, cl, cst, co = start, 0, MapStatus.of(0, False, False, False), None
     cend = None                 # where the current entry's offset would continue
     try:
         for batch in batches:
-            for s, l, d, p, z, da, o, f in batch:
-                if o == cend and cl and z == cz and da == cda and d == cd and p == cp \
-                        and f == cf:
+            for s, l, st, o in batch:
+                if o == cend and st is cst and cl:
                     cl += l
                     if cend is not None:
                         cend += l
                     continue
-                if not cl:
-                    pass
-                elif co is None:
-                    append(f'{{ "start": {cs}, "length": {cl}, "depth": {cd}, "present": '
-                           f'{"true" if cp else "false"}, "zero": {"true" if cz else "false"}, '
-                           f'"data": {"true" if cda else "false"}}}')
-                else:           # the same with the offset (_json_line, inline: one a line)
-                    append(f'{{ "start": {cs}, "length": {cl}, "depth": {cd}, "present": '
-                           f'{"true" if cp else "false"}, "zero": {"true" if cz else "false"}, '
-                           f'"data": {"true" if cda else "false"}, "offset": {co}}}')
-                cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+                if cl:
+                    part = parts.get(cst) or parts.setdefault(cst, _json_status(cst))
+                    if co is None:
+                        append(f'{{ "start": {cs}, "length": {cl}, {part}}}')
+                    else:
+                        append(f'{{ "start": {cs}, "length": {cl}, {part}, "offset": {co}}}')
+                cs, cl, cst, co = s, l, st, o
                 cend = None if o is None else o + l
             if len(lines) >= _BATCH:
                 write(",\n".join(lines) + ",\n")
@@ -144,61 +143,66 @@ def print_json(batches, start: int = 0) -> None:
         if lines:
             write(",\n".join(lines) + ",\n")
         raise
-    lines.append(_json_line(cs, cl, cd, cp, cz, cda, co))
+    part = _json_status(cst)
+    if co is None:
+        append(f'{{ "start": {cs}, "length": {cl}, {part}}}')
+    else:
+        append(f'{{ "start": {cs}, "length": {cl}, {part}, "offset": {co}}}')
     write(",\n".join(lines) + "]\n")
 
 
-def _json_line(s: int, l: int, d: int, p: bool, z: bool, da: bool, o: int | None) -> str:
-    if o is None:
-        return (f'{{ "start": {s}, "length": {l}, "depth": {d}, '
-                f'"present": {"true" if p else "false"}, "zero": {"true" if z else "false"}, '
-                f'"data": {"true" if da else "false"}}}')
-    return (f'{{ "start": {s}, "length": {l}, "depth": {d}, '
-            f'"present": {"true" if p else "false"}, "zero": {"true" if z else "false"}, '
-            f'"data": {"true" if da else "false"}, "offset": {o}}}')
+def _json_status(st) -> str:
+    return (f'"depth": {st.depth}, "present": {"true" if st.present else "false"}, '
+            f'"zero": {"true" if st.zero else "false"}, "data": {"true" if st.data else "false"}')
 
 
 def print_human(batches) -> None:
     """qemu-img map's table: data ranges only, everything else merged as zero.
 
     After printing an entry, qemu-img turns the next one into plain zero
-    if it has no data or reads as zeros (to merge more): ``cda``/``cz`` are
-    rewritten the same way here.
+    if it has no data or reads as zeros (to merge more): its status is
+    replaced the same way here.
     """
+    from imagetools.formats.base import MapStatus
     out = sys.stdout
     lines = ["Offset          Length          Mapped to       File\n"]
-    cs, cl, cd, cp, cz, cda, co, cf = 0, 0, 0, False, False, False, None, None
+    zeroed: dict = {}
+    cs, cl, cst, co = 0, 0, None, None
     cend = None                 # where the current entry's offset would continue
     try:
         for batch in batches:
-            for s, l, d, p, z, da, o, f in batch:
-                if o == cend and cl and z == cz and da == cda and d == cd and p == cp \
-                        and f == cf:
+            for s, l, st, o in batch:
+                if o == cend and st is cst and cl:
                     cl += l
                     if cend is not None:
                         cend += l
                     continue
                 if cl:
-                    _human_line(cs, cl, cz, cda, co, cf, lines)
-                    if not da or z:
-                        da, z = False, True
-                cs, cl, cd, cp, cz, cda, co, cf = s, l, d, p, z, da, o, f
+                    if not cst.data:
+                        pass
+                    elif cst.zero or co is None or not cs or not co:
+                        _human_line(cs, cl, cst, co, lines)
+                    else:               # _human_line's usual case, inline: one a line
+                        lines.append("%-#16x%-#16x%-#16x%s\n" % (cs, cl, co, cst.filename or ""))
+                    if not st.data or st.zero:
+                        st = zeroed.get(st) or zeroed.setdefault(st, MapStatus.of(
+                            st.depth, st.present, True, False, st.filename))
+                cs, cl, cst, co = s, l, st, o
                 cend = None if o is None else o + l
             if len(lines) >= _BATCH:
                 out.write("".join(lines))
                 lines = []
         if cl:
-            _human_line(cs, cl, cz, cda, co, cf, lines)
+            _human_line(cs, cl, cst, co, lines)
     finally:
         out.write("".join(lines))
 
 
-def _human_line(s: int, l: int, z: bool, da: bool, o: int | None, f: str | None,
-                lines: list[str]) -> None:
-    if da and o is None:
+def _human_line(s: int, l: int, st, o: int | None, lines: list[str]) -> None:
+    if st.data and o is None:
         raise Reported("File contains external, encrypted or compressed clusters.")
-    if da and not z:
-        lines.append(f"{_hex(s):<16}{_hex(l):<16}{_hex(o):<16}{f or ''}\n")
+    if st.data and not st.zero:
+        lines.append(f"{_hex(s):<16}{_hex(l):<16}{_hex(o):<16}{st.filename or ''}\n")
 
 
 def _hex(value: int) -> str:

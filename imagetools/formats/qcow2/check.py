@@ -29,7 +29,8 @@ from imagetools.formats.qcow2.layout import (
     COMPRESSED, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     NORMAL, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
     UNALLOCATED_PLAIN, ZERO_ALLOC)
-from imagetools.formats.qcow2.tables import plain_entries, read_be64_array
+from imagetools.formats.qcow2.tables import (
+    _NATIVE_LE, contiguous_pairs, plain_clusters, read_be64_array)
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from imagetools.formats.qcow2.driver import Qcow2Driver
 
 REFT_RESERVED_MASK = 0x1FF
-_ONES = (1).to_bytes(8, "little")
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 QCOW_MAX_L1_SIZE = hdr.QCOW_MAX_L1_SIZE
@@ -133,8 +133,11 @@ class _Counter:
         #: the L2 table being walked (for repairs of its entries)
         self.l2_offset = 0
         #: active L2 tables the whole-table path counted: offset -> (cluster
-        #: indices of the entries with a host cluster, their flag bytes)
-        self.plain_l2: dict[int, tuple[list[int], bytes]] = {}
+        #: indices of the entries with a host cluster, whether all of those
+        #: entries have QCOW_OFLAG_COPIED)
+        self.plain_l2: dict[int, tuple[list[int], bool]] = {}
+        #: the ``counts`` array the whole-table path counted into (if any)
+        self.plain_counts: array | None = None
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -250,6 +253,8 @@ def _calculate_refcounts(drv: "Qcow2Driver", res: CheckResult, counter: _Counter
 
 
 def _count_bitmaps(drv: "Qcow2Driver", counter: _Counter) -> None:
+    if drv.header.extension(hdr.EXT_BITMAPS) is None:
+        return                       # (and the bitmaps module is not even imported)
     from imagetools.formats.qcow2.bitmaps import (
         BME_TABLE_ENTRY_OFFSET_MASK, bitmaps_extension, read_bitmap_table)
     ext = bitmaps_extension(drv.header)
@@ -398,7 +403,7 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
               words: array, active: bool) -> bool:
     """Count an L2 table in whole-table passes if nothing in it needs a rule.
 
-    Qualifies a plain table (:func:`~.tables.plain_entries`: unallocated,
+    Qualifies a plain table (:func:`~.tables.plain_clusters`: unallocated,
     data or zero clusters, nothing compressed, reserved or unaligned) whose
     host clusters are inside the file, with refcounts of 8 bits or more;
     only the refcount increments are a Python loop. Returns False (nothing
@@ -406,10 +411,10 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     """
     if drv.layout.refcount_bits < 8:
         return False
-    plain = plain_entries(words, drv.cluster_bits)
+    plain = plain_clusters(words, drv.cluster_bits)
     if plain is None:
         return False                 # compressed, reserved or unaligned: the full rules
-    ks, flags, _ = plain
+    ks, copied = plain
     cbits = drv.cluster_bits
     if not ks:
         return True
@@ -417,36 +422,36 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     counts = counter.counts
     if top >= len(counts) or (top + 1) << cbits > counter.file_len:
         return False                 # past the end of the file: reported one by one
-    done = 0
+    todo = iter(ks)
     try:
-        for k in ks:
+        for k in todo:
             counts[k] += 1
-            done += 1
     except OverflowError:            # the refcount width overflows: undo, full rules
-        for k in ks[:done]:
+        # the iterator knows how far it got: the failed one was not counted
+        for k in ks[:len(ks) - todo.__length_hint__() - 1]:
             counts[k] -= 1
         return False
+    counter.plain_counts = counts
     if active:
         res.allocated_clusters += len(ks)
         res.fragmented_clusters += _discontiguous(ks)
-        counter.plain_l2[l2_offset] = (ks, flags)
+        counter.plain_l2[l2_offset] = (ks, copied)
     return True
 
 
 def _discontiguous(ks: list[int]) -> int:
-    """How many of ``ks`` (after the first) do not follow the one before.
+    """How many of ``ks`` (after the first) do not follow the one before."""
+    return max(0, len(ks) - 1 - contiguous_pairs(array("Q", ks), 1))
 
-    Each index plus one is compared with the next as 8-byte fields of two
-    big integers (XOR: a zero field is a match); indices stay below 2**56,
-    so adding one never carries into the next field.
-    """
-    n = len(ks) - 1
-    if n <= 0:
-        return 0
-    packed = array("Q", ks).tobytes()
-    following = int.from_bytes(packed[:-8], "little") + int.from_bytes(_ONES * n, "little")
-    diff = int.from_bytes(packed[8:], "little") ^ following
-    return n - array("Q", diff.to_bytes(8 * n, "little")).count(0)
+
+def _ones_at_most(counts: array, stored: array) -> bool:
+    """``stored`` equals ``counts`` and no value is above 1 (whole-array tests)."""
+    if len(stored) != len(counts) or stored != counts:
+        return False
+    raw = counts.tobytes()
+    width = counts.itemsize
+    low = raw[0::width] if _NATIVE_LE else raw[width - 1::width]
+    return not raw.translate(None, b"\x00\x01") and low.count(1) == raw.count(1)
 
 
 def _check_l2_entry(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, i: int,
@@ -669,6 +674,9 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
         except Exception:      # noqa: BLE001 - already reported by the comparison
             return None
 
+    # the clusters of the tables _plain_l2 counted have refcount 1 if the
+    # stored refcounts are the counted ones and none is above 1
+    single = counter.plain_counts is counter.counts and _ones_at_most(counter.counts, stored)
     odd = QCOW_OFLAG_COMPRESSED
     for l1i, l1_entry in enumerate(drv.l1.values):
         l2_offset = l1_entry & L1E_OFFSET_MASK
@@ -690,11 +698,11 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
             continue                  # not a table we may write to (see _check_l1)
         plain = counter.plain_l2.get(l2_offset)
         if plain is not None and not has_data_file:
-            # counted whole (see _plain_l2): every cluster has refcount 1 and
-            # every entry COPIED, or the table is walked entry by entry
-            ks, flags = plain
-            if max(ks) < nstored and flags.count(0x80) == len(flags) and \
-                    list(map(stored.__getitem__, ks)).count(1) == len(ks):
+            # counted whole (see _plain_l2): every entry COPIED and every
+            # cluster with refcount 1, or the table is walked entry by entry
+            ks, copied = plain
+            if copied and (single or max(ks) < nstored and
+                           list(map(stored.__getitem__, ks)).count(1) == len(ks)):
                 continue
         words = counter.active_l2.get(l2_offset)
         if words is None:

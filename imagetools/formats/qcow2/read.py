@@ -17,7 +17,7 @@ from itertools import compress, repeat
 from operator import not_
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
-from imagetools.formats.base import Extent
+from imagetools.formats.base import Extent, MapStatus
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.tables import contiguous_pairs, data_hosts
@@ -33,10 +33,10 @@ if TYPE_CHECKING:
 _UNALLOCATED = (UNALLOCATED_PLAIN, UNALLOCATED_ALLOC)
 #: L2 entry bits that make an entry with a host offset something else than data
 _NOT_PLAIN_DATA = QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
-_BOOLS = (False, True)
-_NOT_BOOLS = (True, False)
 _NONE_IF_0 = {0: None}
 _FLIP = bytes([1, 0]) + bytes(254)
+#: where the chain ends: reads as zeros, nothing allocated
+_ZEROS_AT_END = MapStatus.of(0, False, True, False)
 #: most clusters in one slice of :meth:`Qcow2Reader._slices`
 _SLICE_CLUSTERS = 4096
 
@@ -382,7 +382,8 @@ class Qcow2Reader:
             yield from super().map_runs(offset, length)
             return
         self._check_range(offset, length)
-        name = self.data_file.filename if self.data_file is not None else self.filename
+        kinds = _MapKinds(self.data_file.filename if self.data_file is not None
+                          else self.filename)
         cov = self.layout.l2_coverage
         for pos, stop in self._slices(offset, length):
             out: list[tuple] = []
@@ -391,19 +392,21 @@ class Qcow2Reader:
                 if values is None:
                     self._map_unallocated(pos, stop - pos, out)
                 else:
-                    self._map_slice(values, pos, stop, name, out)
+                    self._map_slice(values, pos, stop, kinds, out)
             except Exception:
                 if out:
                     yield out          # what came before the failure, then the failure
                 raise
             yield out
 
-    def _map_slice(self, values, pos: int, end: int, name: str, out: list[tuple]) -> None:
+    def _map_slice(self, values, pos: int, end: int, kinds: _MapKinds,
+                   out: list[tuple]) -> None:
         """Map's items for one slice of a standard L2 table, appended to ``out``.
 
         Data clusters (contiguous ones as one item) and unallocated runs
-        are handled here, entry by entry; runs of any other entry (zero,
-        compressed, unaligned, flags only) go through :meth:`_l2_pieces`.
+        are handled here, entry by entry, or a whole scattered slice at once
+        (:meth:`_map_scattered`); runs of any other entry (zero, compressed,
+        unaligned, flags only) go through :meth:`_l2_pieces`.
         """
         cs = self._cluster_size
         cbits = self.cluster_bits
@@ -417,10 +420,11 @@ class Qcow2Reader:
             # scattered: data clusters, few of which follow each other
             data = 0 if found is None else found[1].count(1)
             if data and 4 * contiguous_pairs(found[0], cs) < data:
-                self._map_scattered(*found, pos, name, out)
+                self._map_scattered(*found, pos, kinds, out)
                 return
         other = _NOT_PLAIN_DATA | ((cs - 1) & L2E_OFFSET_MASK)
         append = out.append
+        data_status = kinds.data
         s = pos
         while idx <= lim:
             entry = values[idx]
@@ -433,8 +437,8 @@ class Qcow2Reader:
                 stop = base + (j << cbits)
                 if stop > end:
                     stop = end
-                append((s, stop - s, 0, True, False, True,
-                        (entry & L2E_OFFSET_MASK) + (s - base - (idx << cbits)), name))
+                append((s, stop - s, data_status,
+                        (entry & L2E_OFFSET_MASK) + (s - base - (idx << cbits))))
             elif not entry:
                 while j <= lim and not values[j]:
                     j += 1
@@ -453,13 +457,13 @@ class Qcow2Reader:
                 try:
                     self._l2_pieces(values, s, stop, pieces)
                 except ImageError:
-                    self._map_pieces(pieces, name, out)     # the items before the bad entry
+                    self._map_pieces(pieces, kinds, out)     # the items before the bad entry
                     raise
-                self._map_pieces(pieces, name, out)
+                self._map_pieces(pieces, kinds, out)
             s = stop
             idx = j
 
-    def _map_scattered(self, hosts, present: bytes, pos: int, name: str,
+    def _map_scattered(self, hosts, present: bytes, pos: int, kinds: _MapKinds,
                        out: list[tuple]) -> None:
         """Map's items for whole clusters from ``pos`` whose data is scattered.
 
@@ -473,13 +477,10 @@ class Qcow2Reader:
         n = len(hosts)
         starts = range(pos, pos + n * cs, cs)
         if self.backing is None:
-            bools = _BOOLS.__getitem__
-            out += zip(starts, repeat(cs), repeat(0), map(bools, present),
-                       map(_NOT_BOOLS.__getitem__, present), map(bools, present),
-                       map(_NONE_IF_0.get, hosts, hosts), map((None, name).__getitem__, present))
+            out += zip(starts, repeat(cs), map(kinds.by_presence.__getitem__, present),
+                       map(_NONE_IF_0.get, hosts, hosts))
             return
-        items = list(zip(starts, repeat(cs), repeat(0), repeat(True), repeat(False),
-                         repeat(True), hosts, repeat(name)))
+        items = list(zip(starts, repeat(cs), repeat(kinds.data), hosts))
         done = 0                       # items before this are in out
         first = last = -2              # the unallocated run being gathered: [first, last]
         for i in compress(range(n), present.translate(_FLIP)):
@@ -497,20 +498,20 @@ class Qcow2Reader:
             done = last + 1
         out += items[done:]
 
-    def _map_pieces(self, pieces: list[tuple], name: str, out: list[tuple]) -> None:
+    def _map_pieces(self, pieces: list[tuple], kinds: _MapKinds, out: list[tuple]) -> None:
         """Map's items for (start, length, type, host, entry) pieces (see _l2_pieces)."""
         append = out.append
         for start, n, type_, host, _ in pieces:
             if type_ == NORMAL:
-                append((start, n, 0, True, False, True, host, name))
+                append((start, n, kinds.data, host))
             elif type_ == UNALLOCATED_PLAIN:
                 self._map_unallocated(start, n, out)
             elif type_ == ZERO_PLAIN:
-                append((start, n, 0, True, True, False, None, None))
+                append((start, n, kinds.zero_plain, None))
             elif type_ == ZERO_ALLOC:
-                append((start, n, 0, True, True, False, host, name))
+                append((start, n, kinds.zero_alloc, host))
             else:                                   # COMPRESSED
-                append((start, n, 0, True, False, True, None, None))
+                append((start, n, kinds.compressed, None))
 
     def _map_unallocated(self, start: int, length: int, out: list[tuple]) -> None:
         """:meth:`_backing_status` in map's items (a run with no host cluster)."""
@@ -518,9 +519,9 @@ class Qcow2Reader:
         inside = max(0, min(length, backing.size - start)) if backing is not None else 0
         if inside:
             for batch in backing.map_runs(start, inside):
-                out += [(s, n, d + 1, p, z, da, o, f) for s, n, d, p, z, da, o, f in batch]
+                out += [(s, n, status.deeper(), o) for s, n, status, o in batch]
         if inside < length:
-            out.append((start + inside, length - inside, 0, False, True, False, None, None))
+            out.append((start + inside, length - inside, _ZEROS_AT_END, None))
 
     def _backing_status(self, run: Run, data_name: str) -> Iterator[Extent]:
         """Status of a run this image does not allocate (as qemu-img map sees it).
@@ -578,6 +579,20 @@ class Qcow2Reader:
                 index += 1
             self._prealloc_detected = count >= threshold
         return self._prealloc_detected
+
+
+class _MapKinds:
+    """The map statuses of one image's clusters (see :meth:`Qcow2Reader.map_runs`)."""
+
+    __slots__ = ("data", "zero_plain", "zero_alloc", "compressed", "by_presence")
+
+    def __init__(self, data_name: str) -> None:
+        self.data = MapStatus.of(0, True, False, True, data_name)
+        self.zero_plain = MapStatus.of(0, True, True, False)
+        self.zero_alloc = MapStatus.of(0, True, True, False, data_name)
+        self.compressed = MapStatus.of(0, True, False, True)
+        #: unallocated (no backing file) or data, by a byte 0 or 1
+        self.by_presence = (_ZEROS_AT_END, self.data)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

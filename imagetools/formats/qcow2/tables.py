@@ -44,34 +44,32 @@ def plain_entries(words: array, cluster_bits: int) -> tuple[list[int], bytes, ar
     those; and per entry its host cluster index or 0. None when an entry
     needs the entry-by-entry rules (or the machine is big-endian).
 
-    Everything runs at C speed on the entries' bytes: the flag, low and
-    alignment bytes are tested with bytes.translate, and the indices are
-    the bytes of bits cluster_bits..55 moved down, shifted as one big
-    integer for cluster sizes that are not whole bytes (the alignment bits
-    that cross into the next entry down are zero).
+    Everything runs at C speed on the entries' bytes (see
+    :func:`_plain_bytes` and :func:`_index_bytes`).
     """
-    if not _NATIVE_LE:
+    raw = _plain_bytes(words, cluster_bits, b"\x00\x01")
+    if raw is None:
         return None
-    raw = words.tobytes()
-    n = len(words)
-    flags = raw[7::8]
-    if flags.translate(None, b"\x00\x80") or raw[0::8].translate(None, b"\x00\x01"):
+    indices = array("Q", _index_bytes(raw, cluster_bits))
+    return list(filter(None, indices)), bytes(compress(raw[7::8], indices)), indices
+
+
+def plain_clusters(words: array, cluster_bits: int) -> tuple[list[int], bool] | None:
+    """:func:`plain_entries` for counting references: ``(clusters, copied)``.
+
+    ``clusters`` as there; ``copied`` whether every entry that has a host
+    cluster has QCOW_OFLAG_COPIED (found with whole-table operations
+    rather than a flag byte per cluster).
+    """
+    raw = _plain_bytes(words, cluster_bits, b"\x00\x01")
+    if raw is None:
         return None
-    below = (1 << (cluster_bits - 8)) - 1      # reserved bit 8 and the alignment bits
-    zeros = bytes(n)
-    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
-        return None
-    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
-        return None
-    shift = cluster_bits // 8
-    moved = bytearray(len(raw))
-    for j in range(7 - shift):
-        moved[j::8] = raw[j + shift::8]
-    if cluster_bits % 8:
-        moved = (int.from_bytes(moved, "little") >> (cluster_bits % 8)).to_bytes(len(raw),
-                                                                                   "little")
-    indices = array("Q", moved)
-    return list(filter(None, indices)), bytes(compress(flags, indices)), indices
+    moved = _index_bytes(raw, cluster_bits)
+    present = 0                       # bit i: entry i has a host cluster
+    for lane in range(8 - cluster_bits // 8):
+        present |= int.from_bytes(moved[lane::8].translate(_NONZERO), "little")
+    copied = int.from_bytes(raw[7::8].translate(_NONZERO), "little")
+    return list(filter(None, array("Q", moved))), copied & present == present
 
 
 def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:
@@ -81,47 +79,76 @@ def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:
     (COPIED may be set); unallocated: the entry is 0. Returns ``(hosts,
     present)``: every entry's host offset (0 for the unallocated ones) and
     a byte per entry, 1 for data and 0 for unallocated; None when an entry
-    is anything else (or the machine is big-endian). Tested on the
-    entries' bytes as :func:`plain_entries` does: the offsets are the
+    is anything else (or the machine is big-endian). The offsets are the
     entries with their flag byte cleared.
     """
-    if not _NATIVE_LE:
+    raw = _plain_bytes(words, cluster_bits, b"\x00")
+    if raw is None:
         return None
-    raw = words.tobytes()
     n = len(words)
-    if raw[7::8].translate(None, b"\x00\x80") or raw[0::8].translate(None, b"\x00"):
-        return None
-    below = (1 << (cluster_bits - 8)) - 1      # reserved bit 8 and the alignment bits
-    zeros = bytes(n)
-    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
-        return None
-    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
-        return None
     present = 0
     for lane in range(1, 7):
         present |= int.from_bytes(raw[lane::8].translate(_NONZERO), "little")
     if int.from_bytes(raw[7::8].translate(_NONZERO), "little") & ~present:
         return None                 # COPIED without an offset: not data (or data file's 0)
     cleared = bytearray(raw)
-    cleared[7::8] = zeros
+    cleared[7::8] = bytes(n)
     return array("Q", cleared), present.to_bytes(n, "little")
 
 
-def contiguous_pairs(hosts: array, step: int) -> int:
-    """How many of ``hosts`` (after the first) are the one before plus ``step``.
+def _plain_bytes(words: array, cluster_bits: int, low: bytes) -> bytes | None:
+    """The entries' bytes (little-endian) if no entry has the compressed or
+    a reserved bit, an unaligned host offset or a low byte outside ``low``;
+    else None (and always on a big-endian machine). Tested with
+    bytes.translate on the flag, low and alignment bytes of all entries."""
+    if not _NATIVE_LE:
+        return None
+    raw = words.tobytes()
+    if raw[7::8].translate(None, b"\x00\x80") or raw[0::8].translate(None, low):
+        return None
+    below = (1 << (cluster_bits - 8)) - 1      # reserved bit 8 and the alignment bits
+    zeros = bytes(len(words))
+    if raw[1::8].translate(_masked(below & 0xFF)) != zeros:
+        return None
+    if below >> 8 and raw[2::8].translate(_masked(below >> 8)) != zeros:
+        return None
+    return raw
 
-    Each offset plus ``step`` is compared with the next as 8-byte fields of
-    two big integers (XOR: a zero field is a match); offsets stay below
-    2**56, so the addition never carries into the next field.
+
+def _index_bytes(raw: bytes, cluster_bits: int) -> bytes | bytearray:
+    """Each plain entry's host cluster index, as little-endian 8-byte words.
+
+    The bytes of bits cluster_bits..55 moved down, shifted as one big
+    integer for cluster sizes that are not whole bytes (the alignment bits
+    that cross into the next entry down are zero).
     """
-    n = len(hosts) - 1
-    if n <= 0 or not _NATIVE_LE:
+    shift = cluster_bits // 8
+    moved = bytearray(len(raw))
+    for j in range(7 - shift):
+        moved[j::8] = raw[j + shift::8]
+    if cluster_bits % 8:
+        return (int.from_bytes(moved, "little") >> (cluster_bits % 8)).to_bytes(len(raw),
+                                                                                  "little")
+    return moved
+
+
+def contiguous_pairs(values: array, step: int) -> int:
+    """How many of ``values`` (after the first) are the one before plus ``step``.
+
+    Each value plus ``step`` is compared with the next as 8-byte fields of
+    two big integers (XOR: a zero field is a match); values stay below
+    2**56 (host offsets, cluster indices), so the addition never carries
+    into the next field.
+    """
+    n = len(values) - 1
+    if n <= 0:
         return 0
-    packed = hosts.tobytes()
-    following = int.from_bytes(packed[:-8], "little") + \
-        int.from_bytes(step.to_bytes(8, "little") * n, "little")
-    diff = int.from_bytes(packed[8:], "little") ^ following
-    return array("Q", diff.to_bytes(8 * n, "little")).count(0)
+    order = "little" if _NATIVE_LE else "big"
+    packed = values.tobytes()
+    following = int.from_bytes(packed[:-8], order) + \
+        int.from_bytes(step.to_bytes(8, order) * n, order)
+    diff = int.from_bytes(packed[8:], order) ^ following
+    return array("Q", diff.to_bytes(8 * n, order)).count(0)
 
 
 def with_copied(words: array, indices: array, copied: bool) -> array:

@@ -1,0 +1,207 @@
+"""qcow2 check's whole-table path against qemu-img check and against its definitions.
+
+check counts plain L2 tables (data, zero and unallocated entries only) in
+whole-table passes and skips the COPIED walk of those tables when every
+counted cluster has refcount 1. qemu-img check is the judge on the images
+where that shortcut must not apply (shared clusters of a snapshot, a
+cleared COPIED flag, a leak, a cluster referenced twice, a refcount that
+overflows 8 bits) and where it does; the helpers are checked against
+their plain-Python definitions on random tables.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from array import array
+from pathlib import Path
+
+import pytest
+from fmt_helpers import run
+
+from imagetools.formats.qcow2.check import _discontiguous, _ones_at_most
+from imagetools.formats.qcow2.tables import contiguous_pairs, plain_clusters, plain_entries
+
+ROOT = Path(__file__).resolve().parents[3]
+L2_MASK = 0x00FFFFFFFFFFFE00
+
+
+def _qimg_named_qemu_img(directory: Path) -> str:
+    """qimg behind a wrapper named qemu-img, so error lines carry the same prefix."""
+    path = directory / "qemu-img"
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                    "from imagetools.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qimg(tmp_path_factory) -> str:
+    return _qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
+
+
+def scattered(count: int, clusters: int, cluster: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"write -P {1 + i % 250} {c * cluster} {cluster}"
+            for i, c in enumerate(rng.sample(range(clusters), count))]
+
+
+def make(qemu_img: str, qemu_io: str, path: Path, size: str, options: str,
+         *writes: str) -> str:
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", options, str(path), size)
+    for i in range(0, len(writes), 200):
+        args = [qemu_io, "-f", "qcow2"]
+        for command in writes[i:i + 200]:
+            args += ["-c", command]
+        run(*args, str(path))
+    return str(path)
+
+
+def l2_table(path: str) -> int:
+    """Host offset of the first L2 table."""
+    with open(path, "rb") as f:
+        l1 = int.from_bytes(f.read(48)[40:48], "big")
+        f.seek(l1)
+        return int.from_bytes(f.read(8), "big") & L2_MASK
+
+
+def entry(path: str, offset: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return int.from_bytes(f.read(8), "big")
+
+
+def poke(path: str, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+def same_check(qemu_img: str, qimg: str, path: str) -> None:
+    env = dict(os.environ, LC_ALL="C")
+    for fmt in ("--output=json", "--output=human"):
+        ref = subprocess.run([qemu_img, "check", fmt, path], capture_output=True, env=env,
+                             timeout=120)
+        ours = subprocess.run([qimg, "check", fmt, path], capture_output=True, env=env,
+                              timeout=120)
+        assert (ours.returncode, ours.stderr.decode(), ours.stdout.decode()) == \
+            (ref.returncode, ref.stderr.decode(), ref.stdout.decode())
+
+
+def test_scattered_image_checks_like_qemu_img(qemu_img, qemu_io, qimg, tmp_path):
+    path = make(qemu_img, qemu_io, tmp_path / "s.qcow2", "8M", "cluster_size=4k",
+                *scattered(900, 2048, 4096, 1), "write -z 100k 8k")
+    same_check(qemu_img, qimg, path)
+
+
+@pytest.mark.parametrize("bits", [8, 16, 64])
+def test_shared_clusters_of_a_snapshot_are_not_taken_as_copied(qemu_img, qemu_io, qimg,
+                                                                 tmp_path, bits):
+    path = make(qemu_img, qemu_io, tmp_path / "snap.qcow2", "4M",
+                f"cluster_size=4k,refcount_bits={bits}", *scattered(500, 1024, 4096, 2))
+    run(qemu_img, "snapshot", "-c", "one", path)
+    same_check(qemu_img, qimg, path)
+    # a COPIED flag set on a shared cluster is an error both see
+    l2 = l2_table(path)
+    for i in range(512):
+        value = entry(path, l2 + 8 * i)
+        if value & L2_MASK:
+            poke(path, l2 + 8 * i, value | 1 << 63)
+            break
+    same_check(qemu_img, qimg, path)
+
+
+def test_a_cleared_copied_flag_is_found(qemu_img, qemu_io, qimg, tmp_path):
+    path = make(qemu_img, qemu_io, tmp_path / "c.qcow2", "4M", "cluster_size=4k",
+                *scattered(400, 512, 4096, 3))
+    l2 = l2_table(path)
+    cleared = 0
+    for i in range(512):
+        value = entry(path, l2 + 8 * i)
+        if value & L2_MASK and cleared < 3:
+            poke(path, l2 + 8 * i, value & ~(1 << 63))
+            cleared += 1
+    assert cleared == 3
+    same_check(qemu_img, qimg, path)
+
+
+def test_a_leak_and_a_cluster_referenced_twice(qemu_img, qemu_io, qimg, tmp_path):
+    path = make(qemu_img, qemu_io, tmp_path / "d.qcow2", "4M", "cluster_size=4k",
+                *scattered(300, 512, 4096, 4))
+    l2 = l2_table(path)
+    data = [i for i in range(512) if entry(path, l2 + 8 * i) & L2_MASK]
+    poke(path, l2 + 8 * data[1], entry(path, l2 + 8 * data[0]))    # twice, other leaked
+    same_check(qemu_img, qimg, path)
+
+
+def test_an_overflowing_8_bit_refcount_is_reported_as_qemu_img_does(qemu_img, qemu_io, qimg,
+                                                                      tmp_path):
+    """300 entries of one table point at one cluster: the whole-table count
+    overflows part-way, is undone and the entry walk reports it."""
+    path = make(qemu_img, qemu_io, tmp_path / "o.qcow2", "4M",
+                "cluster_size=4k,refcount_bits=8", "write -P 1 0 4k", "write -P 2 1M 4k")
+    l2 = l2_table(path)
+    first = entry(path, l2)
+    with open(path, "r+b") as f:
+        f.seek(l2 + 8 * 10)
+        f.write(first.to_bytes(8, "big") * 300)
+    same_check(qemu_img, qimg, path)
+
+
+def _random_table(rng: random.Random, n: int, cbits: int) -> array:
+    words = array("Q", bytes(8 * n))
+    for i in range(n):
+        kind = rng.random()
+        if kind < 0.3:
+            continue
+        host = rng.randrange(1, 1 << 20) << cbits
+        copied = (1 << 63) if rng.random() < 0.9 else 0
+        if kind < 0.35:
+            words[i] = copied | 1                     # plain zero
+        elif kind < 0.4:
+            words[i] = copied | host | 1              # allocated zero
+        else:
+            words[i] = copied | host
+    return words
+
+
+@pytest.mark.parametrize("cbits", [9, 12, 14, 16, 21])
+def test_plain_clusters_agrees_with_plain_entries_and_the_entries(cbits):
+    rng = random.Random(cbits)
+    for n in (1, 2, 7, 512, 2048):
+        for _ in range(5):
+            words = _random_table(rng, n, cbits)
+            ks, copied = plain_clusters(words, cbits)
+            clusters, flags, _ = plain_entries(words, cbits)
+            assert ks == clusters == [(w & L2_MASK) >> cbits for w in words if w & L2_MASK]
+            assert copied == all(w >> 63 for w in words if w & L2_MASK)
+            assert copied == (flags.count(0x80) == len(flags))
+    bad = _random_table(rng, 64, cbits)
+    bad[5] = (1 << 62) | 12345                        # compressed
+    assert plain_clusters(bad, cbits) is None
+
+
+def test_contiguity_helpers_match_their_definitions():
+    rng = random.Random(7)
+    for n in (0, 1, 2, 3, 50, 1000):
+        ks = [rng.choice((k, k + 1)) for k in sorted(rng.sample(range(1, 5000), n))]
+        follow = sum(1 for a, b in zip(ks, ks[1:]) if b == a + 1)
+        assert contiguous_pairs(array("Q", ks), 1) == follow
+        assert _discontiguous(ks) == max(0, len(ks) - 1 - follow)
+        hosts = array("Q", [k << 16 for k in ks])
+        assert contiguous_pairs(hosts, 1 << 16) == follow
+
+
+@pytest.mark.parametrize("code", ["B", "H", "I", "Q"])
+def test_ones_at_most(code):
+    counts = array(code, [0, 1, 1, 0, 1])
+    assert _ones_at_most(counts, array(code, counts))
+    assert not _ones_at_most(counts, array(code, [0, 1, 1, 0, 0]))
+    assert not _ones_at_most(counts, array(code, [0, 1, 1, 0]))
+    two = array(code, [0, 1, 2, 0, 1])
+    assert not _ones_at_most(two, array(code, two))
+    if code != "B":
+        big = array(code, [0, 1, 256, 0, 1])          # a 1 in a high byte only
+        assert not _ones_at_most(big, array(code, big))
