@@ -161,7 +161,9 @@ def print_human(batches) -> None:
 
     After printing an entry, qemu-img turns the next one into plain zero
     if it has no data or reads as zeros (to merge more): its status is
-    replaced the same way here.
+    replaced the same way here. The merging loop is print_json's, written
+    out again rather than shared through a generator: a line costs little
+    more than the generator step would.
     """
     from imagetools.formats.base import MapStatus
     out = sys.stdout

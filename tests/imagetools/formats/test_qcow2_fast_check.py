@@ -13,50 +13,16 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 from array import array
-from pathlib import Path
 
 import pytest
 from fmt_helpers import run
+from test_qcow2_fast_map import both, make, qimg, scattered  # noqa: F401 (qimg: a fixture)
 
 from imagetools.formats.qcow2.check import _discontiguous, _ones_at_most
 from imagetools.formats.qcow2.tables import contiguous_pairs, plain_clusters, plain_entries
 
-ROOT = Path(__file__).resolve().parents[3]
 L2_MASK = 0x00FFFFFFFFFFFE00
-
-
-def _qimg_named_qemu_img(directory: Path) -> str:
-    """qimg behind a wrapper named qemu-img, so error lines carry the same prefix."""
-    path = directory / "qemu-img"
-    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                    "from imagetools.cli import main\nsys.exit(main())\n")
-    path.chmod(0o755)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def qimg(tmp_path_factory) -> str:
-    return _qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
-
-
-def scattered(count: int, clusters: int, cluster: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [f"write -P {1 + i % 250} {c * cluster} {cluster}"
-            for i, c in enumerate(rng.sample(range(clusters), count))]
-
-
-def make(qemu_img: str, qemu_io: str, path: Path, size: str, options: str,
-         *writes: str) -> str:
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", options, str(path), size)
-    for i in range(0, len(writes), 200):
-        args = [qemu_io, "-f", "qcow2"]
-        for command in writes[i:i + 200]:
-            args += ["-c", command]
-        run(*args, str(path))
-    return str(path)
 
 
 def l2_table(path: str) -> int:
@@ -80,14 +46,8 @@ def poke(path: str, offset: int, value: int) -> None:
 
 
 def same_check(qemu_img: str, qimg: str, path: str) -> None:
-    env = dict(os.environ, LC_ALL="C")
     for fmt in ("--output=json", "--output=human"):
-        ref = subprocess.run([qemu_img, "check", fmt, path], capture_output=True, env=env,
-                             timeout=120)
-        ours = subprocess.run([qimg, "check", fmt, path], capture_output=True, env=env,
-                              timeout=120)
-        assert (ours.returncode, ours.stderr.decode(), ours.stdout.decode()) == \
-            (ref.returncode, ref.stderr.decode(), ref.stdout.decode())
+        both(qemu_img, qimg, "check", fmt, path, cwd=os.path.dirname(path))
 
 
 def test_scattered_image_checks_like_qemu_img(qemu_img, qemu_io, qimg, tmp_path):
