@@ -415,22 +415,24 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     if plain is None:
         return False                 # compressed, reserved or unaligned: the full rules
     ks, copied = plain
-    cbits = drv.cluster_bits
     if not ks:
         return True
-    top = max(ks)
     counts = counter.counts
-    if top >= len(counts) or (top + 1) << cbits > counter.file_len:
-        return False                 # past the end of the file: reported one by one
+    # a view that ends with the last whole cluster of the file: a cluster
+    # past it (IndexError) is reported one by one, as is a refcount over
+    # the width (ValueError); both undo what was counted
+    view = memoryview(counts)[:min(len(counts), counter.file_len >> drv.cluster_bits)]
     todo = iter(ks)
     try:
         for k in todo:
-            counts[k] += 1
-    except OverflowError:            # the refcount width overflows: undo, full rules
+            view[k] += 1
+    except (IndexError, ValueError):
         # the iterator knows how far it got: the failed one was not counted
         for k in ks[:len(ks) - todo.__length_hint__() - 1]:
-            counts[k] -= 1
+            view[k] -= 1
         return False
+    finally:
+        view.release()               # counts may grow again
     counter.plain_counts = counts
     if active:
         res.allocated_clusters += len(ks)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from itertools import compress, repeat
-from operator import not_
 
 from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
 from imagetools.formats.base import Extent, MapStatus

@@ -136,9 +136,9 @@ def contiguous_pairs(values: array, step: int) -> int:
     """How many of ``values`` (after the first) are the one before plus ``step``.
 
     Each value plus ``step`` is compared with the next as 8-byte fields of
-    two big integers (XOR: a zero field is a match); values stay below
-    2**56 (host offsets, cluster indices), so the addition never carries
-    into the next field.
+    two big integers (XOR: a zero field is a match, found by folding each
+    field's bytes into one); values stay below 2**56 (host offsets, cluster
+    indices), so the addition never carries into the next field.
     """
     n = len(values) - 1
     if n <= 0:
@@ -148,7 +148,11 @@ def contiguous_pairs(values: array, step: int) -> int:
     following = int.from_bytes(packed[:-8], order) + \
         int.from_bytes(step.to_bytes(8, order) * n, order)
     diff = int.from_bytes(packed[8:], order) ^ following
-    return array("Q", diff.to_bytes(8 * n, order)).count(0)
+    fields = diff.to_bytes(8 * n, order)
+    nonzero = 0                      # byte i is 1 where field i is not 0
+    for lane in range(8):
+        nonzero |= int.from_bytes(fields[lane::8].translate(_NONZERO), "little")
+    return n - nonzero.bit_count()
 
 
 def with_copied(words: array, indices: array, copied: bool) -> array:

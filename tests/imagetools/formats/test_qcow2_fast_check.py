@@ -17,12 +17,17 @@ from array import array
 
 import pytest
 from fmt_helpers import run
-from test_qcow2_fast_map import both, make, qimg, scattered  # noqa: F401 (qimg: a fixture)
+from test_qcow2_fast_map import both, make, qimg_named_qemu_img, scattered
 
 from imagetools.formats.qcow2.check import _discontiguous, _ones_at_most
 from imagetools.formats.qcow2.tables import contiguous_pairs, plain_clusters, plain_entries
 
 L2_MASK = 0x00FFFFFFFFFFFE00
+
+
+@pytest.fixture(scope="module")
+def qimg(tmp_path_factory) -> str:
+    return qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
 
 
 def l2_table(path: str) -> int:
@@ -165,3 +170,14 @@ def test_ones_at_most(code):
     if code != "B":
         big = array(code, [0, 1, 256, 0, 1])          # a 1 in a high byte only
         assert not _ones_at_most(big, array(code, big))
+
+
+@pytest.mark.parametrize("cut", [512, 4096, 4096 + 512, 3 * 4096])
+def test_data_clusters_at_and_past_the_end_of_the_file(qemu_img, qemu_io, qimg, tmp_path, cut):
+    """A file cut short inside or before its last data clusters: the
+    whole-table path leaves those to the entry walk, which reports as
+    qemu-img does."""
+    path = make(qemu_img, qemu_io, tmp_path / "cut.qcow2", "4M", "cluster_size=4k",
+                *scattered(200, 512, 4096, 14), "write -P 9 3M 16k")
+    os.truncate(path, os.path.getsize(path) - cut)
+    same_check(qemu_img, qimg, path)

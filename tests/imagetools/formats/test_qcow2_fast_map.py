@@ -111,7 +111,7 @@ def layouts(qemu_img, qemu_io, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def _qimg_named_qemu_img(directory: Path) -> str:
+def qimg_named_qemu_img(directory: Path) -> str:
     """qimg behind a wrapper named qemu-img, so error lines carry the same prefix."""
     path = directory / "qemu-img"
     path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
@@ -122,7 +122,7 @@ def _qimg_named_qemu_img(directory: Path) -> str:
 
 @pytest.fixture(scope="module")
 def qimg(tmp_path_factory) -> str:
-    return _qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
+    return qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
 
 
 def both(qemu_img: str, qimg: str, *args: str, cwd: str) -> None:
