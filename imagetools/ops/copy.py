@@ -21,6 +21,7 @@ import os
 import time
 
 from imagetools.errors import ImageError
+from imagetools.ops.zeroscan import no_zero_sector, sector_heads
 from imagetools.output import Reported, warn
 from imagetools.record import Record
 
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 SECTOR = 512
 IO_BUF_SECTORS = 4096                      # 2 MiB, qemu-img's IO_BUF_SIZE
 MAX_REQUEST_SECTORS = (2**31 - 1) >> 9     # BDRV_REQUEST_MAX_SECTORS
-BATCH_SECTORS = 8192                       # 4 MiB read-ahead batches
+BATCH_SECTORS = 8192                       # 4 MiB: the longest run of data chunks
+# a batch buffer holds a run and up to this much of shorter runs before it
+# (an 8 MiB buffer, two long runs, cost 15 % more CPU on 1 GiB qcow2 -> raw)
+PACK_SECTORS = 2048
 BRIDGE_BYTES = 1 << 20                     # most gathered for one write (4 MiB was slower)
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = 0, 1, 2     # ImgConvertBlockStatus
@@ -419,10 +423,14 @@ class Copier:
         # monolithicSparse vmdk): then the clusters are written as they are
         writer = (_CompressedWriter(self.target)
                   if self.compressed and _can_compress(self.target) else None)
-        reader = _Prefetch(self, 2 * BATCH_SECTORS * SECTOR, plan)
+        reader = _Prefetch(self, (BATCH_SECTORS + PACK_SECTORS) * SECTOR, plan)
         try:
             run = _Runs()
+            scan = bool(self.min_sparse) and not self.compressed and not self.job.copy_range
             for buf, items in reader:
+                # data chunks without a sector that could be zero are
+                # written without the sector-by-sector look (most are)
+                heads = sector_heads(buf, len(buf) // SECTOR) if scan and buf else None
                 for sector, n, status, at in items:
                     if status == BLK_DATA:
                         run.data(sector, n)
@@ -431,7 +439,11 @@ class Copier:
                         done += n
                         if progress is not None:
                             progress(done, allocated)
-                        self._copy_data(sector, n, buf, at, writer)
+                        if heads is not None and not self.job.rate_limit and \
+                                no_zero_sector(heads, at, n):
+                            self._write(sector, buf, at, n)
+                        else:
+                            self._copy_data(sector, n, buf, at, writer)
                         continue
                     run.other()
                     if run.ended:

@@ -90,6 +90,26 @@ def data_run(buf: Buffer, first: int, limit: int) -> int:
         search = hit + 8
 
 
+def sector_heads(buf: Buffer, sectors: int) -> bytes:
+    """The first eight bytes of each of the first ``sectors`` sectors of
+    ``buf``, concatenated (for :func:`no_zero_sector`)."""
+    return memoryview(buf)[:sectors * SECTOR].cast("B").cast("Q")[::SECTOR // 8].tobytes()
+
+
+def no_zero_sector(heads: bytes, first: int, n: int) -> bool:
+    """True if none of sectors ``first`` .. ``first+n-1`` (of the buffer that
+    ``heads`` was taken from) can be all zeros: none starts with a zero word.
+    A fast answer for the common case of a chunk that is all data; False
+    says only that a closer look is needed."""
+    end = (first + n) * 8
+    hit = heads.find(_ZERO_WORD, first * 8, end)
+    while hit >= 0:
+        if not hit % 8:
+            return False
+        hit = heads.find(_ZERO_WORD, hit - hit % 8 + 8, end)
+    return True
+
+
 def _data_run_slow(buf: Buffer, first: int, limit: int) -> int:
     base = first * SECTOR
     end = min(len(buf), base + limit * SECTOR)

@@ -128,3 +128,33 @@ def test_a_read_error_in_a_batch_writes_the_runs_before_it(tmp_path, qemu_img,
     data = out.read_bytes()
     assert data[:64 << 10] == b"\x41" * (64 << 10)
     assert data[128 << 10:192 << 10] == b"\x42" * (64 << 10)
+
+
+def test_the_no_zero_sector_shortcut_agrees_with_the_sector_scan() -> None:
+    """Where no_zero_sector says a chunk is all data, qemu-img's rule
+    (is_allocated_sectors_min) writes it whole; where it has a zero sector,
+    the shortcut must not answer True."""
+    from imagetools.ops.zeroscan import is_allocated_sectors_min, no_zero_sector, sector_heads
+    rng = random.Random(3)
+    for _ in range(300):
+        sectors = rng.randint(1, 96)
+        buf = bytearray(rng.randbytes(sectors * 512))
+        for _ in range(rng.randint(0, 4)):
+            s = rng.randrange(sectors)
+            kind = rng.randrange(3)
+            if kind == 0:
+                buf[s * 512:(s + 1) * 512] = bytes(512)            # a zero sector
+            elif kind == 1:
+                buf[s * 512:s * 512 + 8] = bytes(8)                # zero head only
+            else:
+                at = s * 512 + rng.randrange(1, 505)               # zeros not at a head
+                buf[at:at + 8] = bytes(8)
+        heads = sector_heads(buf, sectors)
+        first = rng.randrange(sectors)
+        n = rng.randint(1, sectors - first)
+        has_zero = any(buf[s * 512:(s + 1) * 512] == bytes(512) for s in range(first, first + n))
+        if no_zero_sector(heads, first, n):
+            assert not has_zero
+            assert is_allocated_sectors_min(buf, first, n, 8, first, 8) == (True, n)
+        else:
+            assert any(buf[s * 512:s * 512 + 8] == bytes(8) for s in range(first, first + n))
