@@ -46,7 +46,7 @@ against it keep working.
 
 from __future__ import annotations
 
-from collections import namedtuple
+from operator import itemgetter
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -54,8 +54,39 @@ if TYPE_CHECKING:
 
     from imagetools.formats.qcow2.check import CheckResult
 
-_ExtentFields = namedtuple("Extent", "start length present zero data offset depth filename "
-                                     "compressed", defaults=(None, False))
+_EXTENT_FIELDS = ("start", "length", "present", "zero", "data", "offset", "depth", "filename",
+                  "compressed")
+
+
+class _ExtentFields(tuple):
+    """Extent's fields: what collections.namedtuple would make, written out
+    (importing collections costs about 2 ms of every start-up)."""
+
+    __slots__ = ()
+    _fields = _EXTENT_FIELDS
+
+    def __new__(cls, start: int, length: int, present: bool, zero: bool, data: bool,
+                offset: int | None, depth: int, filename: str | None = None,
+                compressed: bool = False):
+        return tuple.__new__(cls, (start, length, present, zero, data, offset, depth,
+                                   filename, compressed))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self))
+        return f"Extent({inner})"
+
+    start = property(itemgetter(0))
+    length = property(itemgetter(1))
+    present = property(itemgetter(2))
+    zero = property(itemgetter(3))
+    data = property(itemgetter(4))
+    offset = property(itemgetter(5))
+    depth = property(itemgetter(6))
+    filename = property(itemgetter(7))
+    compressed = property(itemgetter(8))
 
 
 class Extent(_ExtentFields):
