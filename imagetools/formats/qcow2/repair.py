@@ -227,12 +227,8 @@ def _derived_recount(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, wa
         del counts[n:]
     elif len(counts) < n:
         counts.extend(type(counts)(counts.typecode, bytes(counts.itemsize * (n - len(counts)))))
-    rc = drv.refcounts
-    blocks = [(raw & REFT_OFFSET_MASK) >> drv.cluster_bits for raw in rc.table if raw]
-    if any(counts[cluster] != 1 for cluster in blocks):
-        return None                     # the walk would report these blocks
-    if max(counts, default=0) > fresh.max:
-        return None
+    if any(counts[cluster] != 1 for cluster in new_structure):
+        return None                     # shared clusters: the walk would report them
     fresh.counts = counts
     fresh.active_l2 = counter.active_l2
     fresh.plain_l2 = counter.plain_l2
