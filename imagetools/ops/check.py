@@ -126,8 +126,9 @@ def repair_image(filename: str, fmt: str | None, repair: str, *, force_share: bo
 def run_check(drv, repair: str | None = None):
     """Run the driver's check (or repair) and print its per-cluster lines on stderr."""
     result = drv.check() if repair is None else drv.repair(repair)
-    for line in getattr(result, "messages", ()) or ():
-        sys.stderr.write(line if line.endswith("\n") else line + "\n")
+    lines = [line if line.endswith("\n") else line + "\n"
+             for line in getattr(result, "messages", ()) or ()]
+    sys.stderr.write("".join(lines))        # one write: stderr writes through
     sys.stderr.flush()
     return result
 
