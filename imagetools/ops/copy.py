@@ -341,6 +341,9 @@ class Copier:
             cl = src.cluster_size or 0
             self.src_alignment.append(max(1, cl // SECTOR))
         self.status_map = _Status(sources, self.target_has_backing)
+        #: (host file name, host offset, at sector) of the data of the last
+        #: chunk planned, from the block status; only a read-ahead hint
+        self.host_hint: tuple[str, int, int] | None = None
         self.sector_next_status = 0
         self.status = BLK_DATA
         self.stats = ConvertStats(total_bytes=total_sectors * SECTOR)
@@ -375,8 +378,12 @@ class Copier:
                 ext = self.status_map.query(index, offset)
                 count = min(count, ext.start + ext.length - offset)
                 zero, data, mine = ext.zero, ext.data, ext.depth == 0
+                self.host_hint = ((ext.filename, ext.offset + offset - ext.start, sector_num)
+                                  if data and not zero and ext.offset is not None
+                                  and not ext.compressed else None)
             else:
                 zero, data, mine = True, False, True
+                self.host_hint = None
             n = max(1, -(-count // SECTOR))
             tail = (sector_num - part_start + n) % self.src_alignment[index]
             if n > tail:
@@ -766,7 +773,9 @@ class _Prefetch:
     holes cost one hand-over per few MiB, not one each. Reading and writing
     are system calls that release the GIL, so the next batch is read while
     the current one is scanned and written (qemu-img gets the same overlap
-    from its I/O threads). Nothing is kept per chunk beyond a batch, so
+    from its I/O threads). While reads are slow (data not in the page
+    cache), a batch's host ranges are announced to the kernel before they
+    are read (see :meth:`_advise`). Nothing is kept per chunk beyond a batch, so
     memory does not grow with the image, and only the reader thread
     touches the sources.
     """
@@ -787,6 +796,9 @@ class _Prefetch:
         self._plan = plan
         #: sectors counted for progress (DATA, and ZERO with -S 0), as the first pass
         self.allocated = 0
+        self._hint_fds: dict[str, int] = {}
+        self._slow = False                    # see _advise
+        self._batches = 0
         self._thread = threading.Thread(target=self._work, daemon=True, name="qimg-reader")
         self._thread.start()
 
@@ -822,67 +834,115 @@ class _Prefetch:
         copier = self._copier
         room = self._size // SECTOR
         plan = self._plan if self._plan is not None else copier.chunks()
+        hinting = self._plan is None          # the hints come from walking the status
         counted = (BLK_DATA,) if copier.min_sparse else (BLK_DATA, BLK_ZERO)
         buf = None
         items: list[tuple[int, int, int, int]] = []
+        spans: list[list[int]] = []   # [first, end) of items read with one request
+        hints: list[tuple[str, int, int]] = []
         used = 0                      # sectors of buf taken
-        span = 0                      # items[span:] are adjacent data chunks (one read)
         run = _Runs()
-        for sector, n, status in plan:
-            if self._stop:
-                return
-            if status in counted:
-                self.allocated += n
-            if status == BLK_BACKING_FILE:
-                continue
-            if status != BLK_DATA:
-                run.other()
-                if len(items) >= self.MAX_ITEMS:
-                    if not self._hand_over(buf, items, span):
-                        return
-                    buf, items, used, span = None, [], 0, 0
-                self._read(buf, items, span)
-                span = len(items) + 1
-                items.append((sector, n, status, 0))
-                continue
-            if run.data(sector, n):
-                # a new run: it must fit whole (see _Runs)
-                if used + BATCH_SECTORS > room or len(items) >= self.MAX_ITEMS:
-                    if not self._hand_over(buf, items, span):
-                        return
-                    buf, items, used, span = None, [], 0, 0
-                self._read(buf, items, span)
-                span = len(items)
-            if buf is None:
-                buf = self._buffer()
-                if buf is None:
-                    return
-            items.append((sector, n, status, used))
-            used += n
-        if items and not self._hand_over(buf, items, span):
-            return
-        self._put(("end", None))
-
-    def _read(self, buf, items: list, span: int) -> None:
-        """Read the data chunks ``items[span:]`` (adjacent) into ``buf``. If
-        that fails, the batch's earlier chunks are still handed over first,
-        so that everything before the failing chunk is written."""
-        if span >= len(items):
-            return
-        start, _, _, at = items[span]
-        count = items[-1][0] + items[-1][1] - start
-        view = memoryview(buf)[at * SECTOR:(at + count) * SECTOR]
         try:
-            self._copier.read_into(start, count, view,
-                                   [(sector, n) for sector, n, _, _ in items[span:]])
-        except BaseException:
-            if span:
-                self._put(("batch", (buf, items[:span])))
-            raise
+            for sector, n, status in plan:
+                if self._stop:
+                    return
+                if status in counted:
+                    self.allocated += n
+                if status == BLK_BACKING_FILE:
+                    continue
+                if status != BLK_DATA:
+                    run.other()
+                    if len(items) >= self.MAX_ITEMS:
+                        if not self._hand_over(buf, items, spans, hints):
+                            return
+                        buf, items, spans, hints, used = None, [], [], [], 0
+                    items.append((sector, n, status, 0))
+                    continue
+                # a new run must fit whole (see _Runs)
+                if run.data(sector, n) and (used + BATCH_SECTORS > room or
+                                            len(items) >= self.MAX_ITEMS):
+                    if not self._hand_over(buf, items, spans, hints):
+                        return
+                    buf, items, spans, hints, used = None, [], [], [], 0
+                if buf is None:
+                    buf = self._buffer()
+                    if buf is None:
+                        return
+                last = len(items)
+                if spans and spans[-1][1] == last and items[-1][0] + items[-1][1] == sector:
+                    spans[-1][1] = last + 1
+                else:
+                    spans.append([last, last + 1])
+                if hinting and copier.host_hint is not None:
+                    name, host, at = copier.host_hint
+                    hints.append((name, host + (sector - at) * SECTOR, n * SECTOR))
+                items.append((sector, n, status, used))
+                used += n
+            if items and not self._hand_over(buf, items, spans, hints):
+                return
+            self._put(("end", None))
+        finally:
+            for fd in self._hint_fds.values():
+                if fd >= 0:
+                    os.close(fd)
 
-    def _hand_over(self, buf, items: list, span: int) -> bool:
-        self._read(buf, items, span)
+    def _hand_over(self, buf, items: list, spans: list, hints: list) -> bool:
+        """Read the batch's data and pass it on. If a read fails, the chunks
+        before the failing request are still passed on first, so that
+        everything before the failing chunk is written."""
+        advised = self._advise(hints)
+        started = time.monotonic()
+        for first, end in spans:
+            start, _, _, at = items[first]
+            count = items[end - 1][0] + items[end - 1][1] - start
+            view = memoryview(buf)[at * SECTOR:(at + count) * SECTOR]
+            try:
+                self._copier.read_into(start, count, view,
+                                       [(sector, n) for sector, n, _, _ in items[first:end]])
+            except BaseException:
+                if first:
+                    self._put(("batch", (buf, items[:first])))
+                raise
+        if hints and not advised:
+            # reads slower than the page cache gives: the data comes from disk
+            budget = 30e-6 * len(hints) + sum(h[2] for h in hints) / 1e9
+            self._slow = time.monotonic() - started > budget
         return self._put(("batch", (buf, items)))
+
+    def _advise(self, hints: list[tuple[str, int, int]]) -> bool:
+        """Tell the kernel which host ranges the batch reads next
+        (POSIX_FADV_WILLNEED), so that ranges not in the page cache are read
+        from disk together rather than one request at a time, as qemu-img's
+        parallel requests are. A hint only: a failure changes nothing.
+
+        Hinting ranges that are in the page cache costs more than reading
+        them (a 50,000-cluster image: 1.9 s against 1.1 s), so hints are
+        given only while reads are slow, measured on every eighth batch.
+        """
+        self._batches += 1
+        if not hints or not self._slow or self._batches % 8 == 0:
+            return False
+        fds = self._hint_fds
+        hints.sort()
+        name, start, length = hints[0]
+        for nxt_name, nxt_start, nxt_length in hints[1:] + [("", -1, 0)]:
+            if nxt_name == name and nxt_start == start + length:
+                length += nxt_length
+                continue
+            fd = fds.get(name)
+            if fd is None:
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+                except (OSError, ValueError):
+                    fd = -1
+                fds[name] = fd
+            if fd >= 0:
+                try:
+                    os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+            name, start, length = nxt_name, nxt_start, nxt_length
+        return True
 
     def __iter__(self):
         while True:
