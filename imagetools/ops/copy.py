@@ -437,7 +437,10 @@ class Copier:
             for buf, items in reader:
                 # data chunks without a sector that could be zero are
                 # written without the sector-by-sector look (most are)
-                heads = sector_heads(buf, len(buf) // SECTOR) if scan and buf else None
+                heads = None
+                if scan and buf is not None:
+                    used = max(at + n for _, n, status, at in items if status == BLK_DATA)
+                    heads = sector_heads(buf, used)
                 for sector, n, status, at in items:
                     if status == BLK_DATA:
                         run.data(sector, n)
