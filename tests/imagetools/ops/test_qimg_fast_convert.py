@@ -199,3 +199,48 @@ def test_read_ahead_hints_name_the_data_clusters(tmp_path, qemu_img, qemu_io, mo
     assert hinted_clusters <= data
     # every eighth batch is read without hints (to see whether reads are still slow)
     assert len(hinted_clusters) >= len(data) // 3
+
+
+@pytest.mark.parametrize("window_steps", [1, 2, 3, 256])
+def test_compare_in_small_windows_answers_as_qemu_img(tmp_path, qemu_img, qemu_io, monkeypatch,
+                                                      window_steps) -> None:
+    """compare reads the second image ahead a window of steps at a time;
+    window boundaries anywhere change nothing: same lines and exit code as
+    qemu-img compare (identical, a mismatch late in the image, one side
+    allocated only, sizes that differ, strict mode)."""
+    from imagetools.ops import compare
+    from imagetools.ops.common import open_image
+    monkeypatch.setattr(compare, "WINDOW_STEPS", window_steps)
+    monkeypatch.setattr(compare, "WINDOW_BYTES", 3 << 20)
+
+    def image(name, size, *writes, fmt="qcow2"):
+        subprocess.run([qemu_img, "create", "-q", "-f", fmt, str(tmp_path / name), size],
+                       check=True)
+        argv = [qemu_io, "-f", fmt]
+        for w in writes:
+            argv += ["-c", w]
+        subprocess.run(argv + [str(tmp_path / name)], check=True, capture_output=True)
+
+    common = ("write -P 1 0 3M", "write -P 2 5M 1M", "write -z 7M 1M", "write -P 3 9M 5M")
+    image("a.qcow2", "16M", *common)
+    image("same.raw", "16M", *common, fmt="raw")
+    image("late.qcow2", "16M", *common, "write -P 9 13631000 1000")
+    image("extra.qcow2", "16M", *common, "write -P 0 3M 1M", "write -P 4 15M 4k")
+    image("longer.qcow2", "20M", *common, "write -P 5 18M 64k")
+    image("longzero.qcow2", "20M", *common, "write -P 0 18M 64k")
+    cases = [("a.qcow2", "same.raw"), ("a.qcow2", "late.qcow2"), ("a.qcow2", "extra.qcow2"),
+             ("extra.qcow2", "a.qcow2"), ("a.qcow2", "longer.qcow2"),
+             ("longzero.qcow2", "a.qcow2"), ("-s", "a.qcow2", "same.raw"),
+             ("-s", "a.qcow2", "late.qcow2")]
+    for case in cases:
+        strict = case[0] == "-s"
+        names = case[1:] if strict else case
+        ref = subprocess.run([qemu_img, "compare", *case], cwd=tmp_path, capture_output=True)
+        drv1, drv2 = (open_image(str(tmp_path / n), None) for n in names)
+        try:
+            ours = compare.compare_images(drv1, drv2, strict=strict)
+        finally:
+            drv1.close()
+            drv2.close()
+        assert (ours.exit_code, "".join(line + "\n" for line in ours.lines)) == \
+            (ref.returncode, ref.stdout.decode()), case
