@@ -53,7 +53,10 @@ def test_resize_qcow2_past_the_l1_limit(capped, opts):
     capped.setup("image", "x.qcow2", "qcow2", "1M", "write -P 7 0 64k", opts=opts)
     for size in HUGE:
         capped.same("resize", "x.qcow2", size)
-    capped.judged_same("info", "--output=json", "x.qcow2")
+    # every resize is refused; actual-size (st_blocks) of the two untouched
+    # files was once seen 4 KiB apart with 2 MiB clusters (filesystem extent
+    # blocks), so the layout is judged by check's image-end-offset below
+    capped.judged_same("info", "--output=json", "x.qcow2", ignore=("actual-size",))
     capped.judged_same("check", "x.qcow2")
 
 
