@@ -118,12 +118,12 @@ def test_internal_errors_are_one_line_not_a_traceback(capsys, monkeypatch) -> No
     assert err == "qimg: internal error: RuntimeError: kaput (set QIMG_DEBUG=1 for a traceback)\n"
 
 
-def _modules_after(*argv: str) -> set[str]:
+def _modules_after(*argv: str, prefix: str = "imagetools") -> set[str]:
     code = ("import sys, runpy\n"
             f"sys.argv = ['qimg', {', '.join(repr(a) for a in argv)}]\n"
             "try:\n    runpy.run_module('imagetools', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "print(' '.join(m for m in sys.modules if m.startswith('imagetools')))\n")
+            f"print(' '.join(m for m in sys.modules if m.startswith({prefix!r})))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     return set(proc.stdout.split())
@@ -142,6 +142,15 @@ def test_info_imports_no_other_command(tmp_path) -> None:
     loaded = _modules_after("info", str(image))
     for other in ("convert", "copy", "compare", "check", "dd", "bench", "measure", "create"):
         assert f"imagetools.ops.{other}" not in loaded, loaded
+
+
+def test_info_of_a_qcow2_decodes_no_table(tmp_path, qemu_img) -> None:
+    """``array`` (which imports ``collections``, ~1.4 ms) is loaded only when
+    a table is decoded, and ``info`` decodes none; ``map`` does."""
+    image = tmp_path / "x.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    assert "array" not in _modules_after("info", str(image), prefix="array")
+    assert "array" in _modules_after("map", str(image), prefix="array")
 
 
 def test_module_entry_point_uses_qimg_prefix() -> None:

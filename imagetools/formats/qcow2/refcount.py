@@ -25,18 +25,22 @@ memory; on disk bit 0 is the least significant bit, as the spec says.
 from __future__ import annotations
 
 import struct
-from array import array
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
+    from array import array
     from typing import Callable
+
+# ``array`` is imported where it is used (it imports ``collections``, about
+# 1.4 ms of a start-up that ``info`` does not otherwise need).
 
 from imagetools.errors import CorruptImageError, ImageError
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2.header import QCOW_MAX_REFTABLE_SIZE
 from imagetools.formats.qcow2.layout import REFT_OFFSET_MASK, Layout
 
+#: array typecodes of the refcount widths (sizes asserted where the first
+#: table is decoded)
 _TYPECODES = {8: "B", 16: "H", 32: "I", 64: "Q"}
-assert array("I").itemsize == 4 and array("Q").itemsize == 8
 
 
 class RefBlock:
@@ -63,11 +67,10 @@ class Refcounts:
         self.update_header = update_header
         self.read_only = read_only
         nbytes = table_clusters * layout.cluster_size
-        raw = file.pread_full(table_offset, nbytes)
-        table = array("Q", raw)
-        if struct.pack("=H", 1) != struct.pack(">H", 1):
-            table.byteswap()
-        self.table = table
+        # read now (a table that cannot be read fails the open, as in QEMU),
+        # decoded into ``table`` when first used
+        self._raw_table: bytes | None = file.pread_full(table_offset, nbytes)
+        self._table: array | None = None
         self.table_dirty: set[int] = set()
         self.blocks: dict[int, RefBlock] = {}
         self.free_hint = 0
@@ -79,6 +82,22 @@ class Refcounts:
         self._subbyte = bits < 8
         #: told about every cluster that becomes refcount metadata
         self.on_metadata: Callable[[int, str], None] | None = None
+
+    @property
+    def table(self) -> array:
+        """The refcount table: refcount block offsets, native integers."""
+        if self._table is None:
+            from array import array
+            assert array("I").itemsize == 4 and array("Q").itemsize == 8
+            table = array("Q", self._raw_table)
+            if struct.pack("=H", 1) != struct.pack(">H", 1):
+                table.byteswap()
+            self._table, self._raw_table = table, None
+        return self._table
+
+    @table.setter
+    def table(self, table: array) -> None:
+        self._table, self._raw_table = table, None
 
     # -- reading ----------------------------------------------------------
 
@@ -103,6 +122,7 @@ class Refcounts:
         return blk
 
     def _decode(self, raw: bytes) -> array:
+        from array import array
         bits = self.layout.refcount_bits
         if self._subbyte:
             per = 8 // bits
@@ -119,6 +139,7 @@ class Refcounts:
         return values
 
     def _encode(self, values: array) -> bytes:
+        from array import array
         bits = self.layout.refcount_bits
         if self._subbyte:
             per = 8 // bits
@@ -145,6 +166,7 @@ class Refcounts:
     # -- changing ---------------------------------------------------------
 
     def _new_block_values(self) -> array:
+        from array import array
         return array(self._code, bytes(self.layout.refblock_entries
                                        * (1 if self._subbyte else array(self._code).itemsize)))
 
@@ -154,6 +176,7 @@ class Refcounts:
         The blocks must exist (the allocator creates them); a refcount that
         would leave ``0..refcount_max`` is an error and nothing changes.
         """
+        from array import array
         entries = self.layout.refblock_entries
         bits = self.layout.refblock_bits
         maxv = self.layout.refcount_max
@@ -396,6 +419,7 @@ class Refcounts:
         written at ``start``; the header switches to the table in one write
         and the old one is freed. Returns where the free space after them
         begins. (An interruption leaves the old structures in force.)"""
+        from array import array
         layout = self.layout
         cs = layout.cluster_size
         cbits = layout.cluster_bits
@@ -485,6 +509,7 @@ class Refcounts:
 
     def write_table(self, flush: Callable[[], None]) -> None:
         """Write changed table entries, or the moved table and switch the header."""
+        from array import array
         if not self.table_dirty:
             return
         moved = getattr(self, "_table_moved", False)
