@@ -25,9 +25,9 @@ import struct
 
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.check import (
-    FIX_ERRORS, FIX_LEAKS, REFT_RESERVED_MASK, CheckResult, _calculate_refcounts,
-    _check_oflag_copied, _compare_refcounts, _Counter, check_image, check_snapshot_table)
-from imagetools.formats.qcow2.layout import QCOW_OFLAG_ZERO, REFT_OFFSET_MASK
+    FIX_ERRORS, FIX_LEAKS, CheckResult, _calculate_refcounts, _check_oflag_copied,
+    _compare_refcounts, _Counter, check_image, check_snapshot_table)
+from imagetools.formats.qcow2.layout import QCOW_OFLAG_ZERO
 from imagetools.formats.qcow2.tables import be64_bytes
 
 TYPE_CHECKING = False
@@ -87,13 +87,11 @@ def check_and_repair(drv: "Qcow2Driver", fix: int) -> CheckResult:
     snapshot_repairs = check_snapshot_table(drv, res, fix)
     counter = _Counter(drv, res)
     counter.fix = fix
-    walk = _Walk(res)
     _calculate_refcounts(drv, res, counter)
-    walk.done(res)
     before = _numbers(res)
     highest = _compare_refcounts(drv, res, counter)
     if res.rebuild and fix & FIX_ERRORS:
-        counter, highest = _rebuild_and_recount(drv, res, fix, counter, walk)
+        counter, highest = _rebuild_and_recount(drv, res, fix, counter)
     elif fix:
         if res.rebuild:
             res.report("ERROR need to rebuild refcount structures")
@@ -121,42 +119,16 @@ def check_and_repair(drv: "Qcow2Driver", fix: int) -> CheckResult:
     return res
 
 
-class _Walk:
-    """What the first walk of the references reported: nothing at all (then a
-    recount after a rebuild can be derived, see :func:`_derived_recount`), and
-    the walk's own counters."""
-
-    _COUNTED = ("allocated_clusters", "fragmented_clusters", "compressed_clusters")
-
-    def __init__(self, res: CheckResult) -> None:
-        self._lines = len(res.messages)
-        self._numbers = _numbers(res)
-        self.clean = False
-        self.counted: dict[str, int] = {}
-
-    def done(self, res: CheckResult) -> None:
-        after = _numbers(res)
-        self.clean = len(res.messages) == self._lines and all(
-            after[name] == self._numbers[name] for name in _NUMBERS if name not in self._COUNTED)
-        self.counted = {name: after[name] - self._numbers[name] for name in self._COUNTED}
-
-
-def _rebuild_and_recount(drv: "Qcow2Driver", res: CheckResult, fix: int, counter: _Counter,
-                         walk: _Walk):
+def _rebuild_and_recount(drv: "Qcow2Driver", res: CheckResult, fix: int, counter: _Counter):
     """Rebuild, count again, free what the old structure leaves behind (QEMU's
     accounting: what the rebuild made right counts as fixed)."""
     old = _numbers(res)
     res.report("Rebuilding refcount structure")
-    old_structure = _refcount_structure(drv)
-    taken = rebuild_refcount_structure(drv, counter.counts)
+    rebuild_refcount_structure(drv, counter.counts)
     res.corruptions = res.leaks = 0
     res.rebuild = False
-    recount = _derived_recount(drv, res, counter, walk, old_structure, taken)
-    if recount is None:
-        counter = _Counter(drv, res)
-        _calculate_refcounts(drv, res, counter)
-    else:
-        counter = recount
+    counter = _Counter(drv, res)
+    _calculate_refcounts(drv, res, counter)
     fresh_leaks = 0
     highest = 0
     if fix & FIX_LEAKS:
@@ -172,69 +144,6 @@ def _rebuild_and_recount(drv: "Qcow2Driver", res: CheckResult, fix: int, counter
         res.leaks_fixed += old["leaks"] - res.leaks
     res.leaks += fresh_leaks
     return counter, highest
-
-
-def _refcount_structure(drv: "Qcow2Driver") -> list[int] | None:
-    """The clusters the walk counts for the refcount table and its blocks, one
-    entry per reference (None if an entry is one the walk reports)."""
-    rc = drv.refcounts
-    cs = drv.cluster_size
-    cbits = drv.cluster_bits
-    out: list[int] = []
-    if len(rc.table):
-        first = rc.table_offset >> cbits
-        out.extend(range(first, ((rc.table_offset + len(rc.table) * 8 - 1) >> cbits) + 1))
-    for raw in rc.table:
-        if raw:
-            if raw & REFT_RESERVED_MASK or raw & (cs - 1):
-                return None
-            out.append((raw & REFT_OFFSET_MASK) >> cbits)
-    return out
-
-
-def _derived_recount(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, walk: _Walk,
-                     old_structure: list[int] | None, taken: list[tuple[int, int]]):
-    """The references a second walk would count after a rebuild, without the walk.
-
-    Only the refcount structure moved (into clusters that were free), so when
-    the first walk reported nothing the second one finds the same references
-    but the old table and blocks, plus the new ones -- and reports nothing
-    either. ``counter.counts`` holds the first walk's references plus the
-    clusters the rebuild ``taken``; returns a counter as ``_calculate_refcounts``
-    leaves it (its counters added to ``res``), or None where this is not
-    certain (then the caller walks again).
-    """
-    if not walk.clean or old_structure is None:
-        return None
-    new_structure = _refcount_structure(drv)
-    if new_structure is None:
-        return None
-    fresh = _Counter(drv, res)
-    n = fresh.nb_clusters
-    counts = counter.counts
-    for first, count in taken:
-        counts[first:first + count] = type(counts)(counts.typecode, bytes(counts.itemsize * count))
-    try:
-        for cluster in old_structure:
-            counts[cluster] -= 1
-        for cluster in new_structure:
-            counts[cluster] += 1
-    except (IndexError, OverflowError):
-        return None
-    if len(counts) > n:
-        if counts[n:].count(0) != len(counts) - n:
-            return None                 # past the end of the file: the walk reports it
-        del counts[n:]
-    elif len(counts) < n:
-        counts.extend(type(counts)(counts.typecode, bytes(counts.itemsize * (n - len(counts)))))
-    if any(counts[cluster] != 1 for cluster in new_structure):
-        return None                     # shared clusters: the walk would report them
-    fresh.counts = counts
-    fresh.active_l2 = counter.active_l2
-    fresh.plain_l2 = counter.plain_l2
-    for name, value in walk.counted.items():
-        setattr(res, name, getattr(res, name) + value)
-    return fresh
 
 
 def _punch_freed(drv: "Qcow2Driver") -> None:
@@ -263,8 +172,6 @@ class _Imrt:
 
     def __init__(self, counts) -> None:
         self.counts = counts
-        #: (first cluster, count) of every allocation
-        self.taken: list[tuple[int, int]] = []
 
     def grow(self, n: int) -> None:
         counts = self.counts
@@ -297,14 +204,12 @@ class _Imrt:
         cluster -= contiguous
         for k in range(count):
             counts[cluster + k] = 1
-        self.taken.append((cluster, count))
         return cluster
 
 
-def rebuild_refcount_structure(drv: "Qcow2Driver", counts) -> list[tuple[int, int]]:
+def rebuild_refcount_structure(drv: "Qcow2Driver", counts) -> None:
     """New refcount blocks and table from the computed references ``counts``
-    (QEMU 7.2's algorithm and placement), switched in with one header write;
-    returns the (first cluster, count) runs taken for them (now 1 in ``counts``).
+    (QEMU 7.2's algorithm and placement), switched in with one header write.
 
     The new structures go where ``counts`` says no cluster is used, which
     excludes the old refcount structure, so it stays intact until the switch.
@@ -329,7 +234,6 @@ def rebuild_refcount_structure(drv: "Qcow2Driver", counts) -> list[tuple[int, in
     drv.file.pwrite(48, struct.pack(">QI", table_cluster * cs, table_clusters))
     drv.__dict__["_repair_switched"] = True
     drv._reload_metadata()
-    return imrt.taken
 
 
 def _write_refblocks(drv: "Qcow2Driver", imrt: _Imrt, first: int, end: int,
