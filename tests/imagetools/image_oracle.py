@@ -8,10 +8,24 @@ the path through ``tests/imagetools/conftest.py``.
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from imagetools.formats.base import merge_extents
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def qimg_wrapper(directory: Path, name: str) -> str:
+    """qimg as an executable named ``name`` in ``directory`` (named qemu-img,
+    its error lines carry the same prefix as the real tool's)."""
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+                    "from imagetools.cli import main\nsys.exit(main())\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def run(*cmd: str, check: bool = True, timeout: float = 120,

@@ -17,7 +17,8 @@ from array import array
 
 import pytest
 from fmt_helpers import run
-from test_qcow2_fast_map import both, make, qimg_named_qemu_img, scattered
+from image_oracle import qimg_wrapper
+from test_qcow2_fast_map import both, make, scattered
 
 from imagetools.formats.qcow2.check import _discontiguous, _ones_at_most
 from imagetools.formats.qcow2.tables import contiguous_pairs, plain_clusters, plain_entries
@@ -27,7 +28,7 @@ L2_MASK = 0x00FFFFFFFFFFFE00
 
 @pytest.fixture(scope="module")
 def qimg(tmp_path_factory) -> str:
-    return qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
+    return qimg_wrapper(tmp_path_factory.mktemp("qimg"), "qemu-img")
 
 
 def l2_table(path: str) -> int:

@@ -17,12 +17,12 @@ import io
 import os
 import random
 import subprocess
-import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 from fmt_helpers import run
+from image_oracle import qimg_wrapper
 
 from imagetools.formats.base import Driver
 from imagetools.image import open_image
@@ -30,7 +30,6 @@ from imagetools.ops.map import print_human, print_json
 
 pytestmark = pytest.mark.oracle
 
-ROOT = Path(__file__).resolve().parents[3]
 K = 1024
 
 
@@ -111,18 +110,9 @@ def layouts(qemu_img, qemu_io, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-def qimg_named_qemu_img(directory: Path) -> str:
-    """qimg behind a wrapper named qemu-img, so error lines carry the same prefix."""
-    path = directory / "qemu-img"
-    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                    "from imagetools.cli import main\nsys.exit(main())\n")
-    path.chmod(0o755)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def qimg(tmp_path_factory) -> str:
-    return qimg_named_qemu_img(tmp_path_factory.mktemp("qimg"))
+    return qimg_wrapper(tmp_path_factory.mktemp("qimg"), "qemu-img")
 
 
 def both(qemu_img: str, qimg: str, *args: str, cwd: str) -> None:

@@ -12,33 +12,23 @@ from __future__ import annotations
 import difflib
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _wrapper(directory: Path, name: str) -> str:
-    path = directory / name
-    path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                    "from imagetools.cli import main\nsys.exit(main())\n")
-    path.chmod(0o755)
-    return str(path)
+from image_oracle import ROOT, qimg_wrapper  # noqa: F401  (ROOT: for the tests)
 
 
 @pytest.fixture(scope="session")
 def qimg_as_qemu_img(tmp_path_factory) -> str:
     """qimg, installed under the name qemu-img (a drop-in)."""
-    return _wrapper(tmp_path_factory.mktemp("dropin"), "qemu-img")
+    return qimg_wrapper(tmp_path_factory.mktemp("dropin"), "qemu-img")
 
 
 @pytest.fixture(scope="session")
 def qimg_bin(tmp_path_factory) -> str:
     """qimg under its own name."""
-    return _wrapper(tmp_path_factory.mktemp("qimgbin"), "qimg")
+    return qimg_wrapper(tmp_path_factory.mktemp("qimgbin"), "qimg")
 
 
 class Run(NamedTuple):
