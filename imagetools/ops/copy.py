@@ -471,7 +471,9 @@ class Copier:
                     if run.ended:
                         self._end_batch()
                     reader.release(buf)
-            self._flush_writes()
+            self._flush_writes()            # what was read before an error too
+            if reader.error is not None:
+                raise reader.error
         finally:
             reader.close()
             if writer is not None:
@@ -799,6 +801,9 @@ class _Prefetch:
         self._plan = plan
         #: sectors counted for progress (DATA, and ZERO with -S 0), as the first pass
         self.allocated = 0
+        #: the read error that ended the batches (raised once what came
+        #: before it is written)
+        self.error: BaseException | None = None
         self._hint_fds: dict[str, int] = {}
         self._slow = False                    # see _advise
         self._batches = 0
@@ -953,7 +958,8 @@ class _Prefetch:
             if kind == "end":
                 return
             if kind == "error":
-                raise item
+                self.error = item
+                return
             yield item
 
     def release(self, buf: bytearray) -> None:
