@@ -115,19 +115,31 @@ def _run(rest, fmt1, fmt2, cache, quiet, strict, force_share, image_opts, meter)
 
 
 class _Cursor:
-    """The block status at a moving offset (qemu-img re-queries at each step)."""
+    """The block status at a moving offset (qemu-img re-queries at each step).
 
-    def __init__(self, drv) -> None:
+    A block status that fails (a damaged table) is qemu-img's ``Sector
+    allocation test failed for NAME``, exit code 3, where it is reached."""
+
+    def __init__(self, drv, name: str) -> None:
         from imagetools.ops.common import status_runs
         self.size = drv.size
+        self.name = name
         self._runs = status_runs(drv)
-        self.ext = next(self._runs, None)
+        self.ext = None
+        self._next()
+
+    def _next(self) -> None:
+        try:
+            self.ext = next(self._runs, None)
+        except ImageError:
+            self.ext = None
+            self._runs = iter(())
 
     def at(self, offset: int):
         while self.ext is not None and self.ext.end <= offset:
-            self.ext = next(self._runs, None)
+            self._next()
         if self.ext is None:
-            raise Reported("Sector allocation test failed", exit_code=3)
+            raise Reported(f"Sector allocation test failed for {self.name}", exit_code=3)
         return self.ext
 
 
@@ -174,7 +186,8 @@ def compare_images(drv1, drv2, *, strict: bool = False,
     if strict and size1 != size2:
         emit("Strict mode: Image size mismatch!")
         return done(False, 1)
-    steps = _steps(_Cursor(drv1), _Cursor(drv2), strict, size1, size2, total, progress_base)
+    steps = _steps(_Cursor(drv1, names[0]), _Cursor(drv2, names[1]), strict, size1, size2,
+                   total, progress_base)
     reader = _Reader((drv1, drv2), names)
     try:
         for window in _windows(steps):

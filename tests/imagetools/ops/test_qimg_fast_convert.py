@@ -249,3 +249,26 @@ def test_compare_in_small_windows_answers_as_qemu_img(tmp_path, qemu_img, qemu_i
             drv2.close()
         assert (ours.exit_code, "".join(line + "\n" for line in ours.lines)) == \
             (ref.returncode, ref.stdout.decode()), case
+
+
+@pytest.mark.parametrize("order", ["damaged-second", "damaged-first"])
+def test_compare_with_a_damaged_table_fails_as_qemu_img(tools, order) -> None:
+    """A block status that fails (an L2 table offset made unaligned) is
+    ``Sector allocation test failed for NAME``, exit code 3, after the
+    driver's corruption line, as in qemu-img."""
+    import struct
+    tools.ref("create", "-q", "-f", "qcow2", "a.qcow2", "4M")
+    tools.ref("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "b.qcow2", "4M")
+    for name in ("a.qcow2", "b.qcow2"):
+        tools._run([tools.qemu_io_bin, "-c", "write -P 1 0 1M", "-c", "write -P 2 3M 1M",
+                    name])
+    with open(tools.dir / "b.qcow2", "r+b") as f:
+        f.seek(40)
+        l1 = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1 + 8)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1 + 8)
+        f.write(struct.pack(">Q", entry + 512))
+    names = ("a.qcow2", "b.qcow2") if order == "damaged-second" else ("b.qcow2", "a.qcow2")
+    result = tools.same("compare", *names)
+    assert result.rc == 3 and b"Sector allocation test failed for b.qcow2" in result.err
