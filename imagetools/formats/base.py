@@ -108,7 +108,7 @@ class Extent(_ExtentFields):
     ``filename`` the file holding the data (for human map); None if not data
     ``compressed`` the run is stored compressed (qemu-img 8.2's member)
 
-    An immutable value: a named tuple (cheap to make: a fragmented image
+    An immutable value: a tuple with named fields (cheap to make: a fragmented image
     has one per cluster, and a dataclass would also cost start-up time).
     """
 

@@ -136,8 +136,6 @@ class _Counter:
         #: indices of the entries with a host cluster, whether all of those
         #: entries have QCOW_OFLAG_COPIED)
         self.plain_l2: dict[int, tuple[list[int], bool]] = {}
-        #: the ``counts`` array the whole-table path counted into (if any)
-        self.plain_counts: array | None = None
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -422,18 +420,16 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     # past it (IndexError) is reported one by one, as is a refcount over
     # the width (ValueError); both undo what was counted
     view = memoryview(counts)[:min(len(counts), counter.file_len >> drv.cluster_bits)]
-    todo = iter(ks)
+    done = 0
     try:
-        for k in todo:
+        for done, k in enumerate(ks):
             view[k] += 1
     except (IndexError, ValueError):
-        # the iterator knows how far it got: the failed one was not counted
-        for k in ks[:len(ks) - todo.__length_hint__() - 1]:
+        for k in ks[:done]:          # the failed one was not counted
             view[k] -= 1
         return False
     finally:
         view.release()               # counts may grow again
-    counter.plain_counts = counts
     if active:
         res.allocated_clusters += len(ks)
         res.fragmented_clusters += _discontiguous(ks)
@@ -678,7 +674,7 @@ def _check_oflag_copied(drv: "Qcow2Driver", res: CheckResult, counter: _Counter,
 
     # the clusters of the tables _plain_l2 counted have refcount 1 if the
     # stored refcounts are the counted ones and none is above 1
-    single = counter.plain_counts is counter.counts and _ones_at_most(counter.counts, stored)
+    single = bool(counter.plain_l2) and _ones_at_most(counter.counts, stored)
     odd = QCOW_OFLAG_COMPRESSED
     for l1i, l1_entry in enumerate(drv.l1.values):
         l2_offset = l1_entry & L1E_OFFSET_MASK

@@ -37,6 +37,7 @@ from imagetools.errors import CorruptImageError, ImageError
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2.header import QCOW_MAX_REFTABLE_SIZE
 from imagetools.formats.qcow2.layout import REFT_OFFSET_MASK, Layout
+from imagetools.formats.qcow2.tables import be64_array, be64_bytes
 
 #: array typecodes of the refcount widths (sizes asserted where the first
 #: table is decoded)
@@ -89,10 +90,7 @@ class Refcounts:
         if self._table is None:
             from array import array
             assert array("I").itemsize == 4 and array("Q").itemsize == 8
-            table = array("Q", self._raw_table)
-            if struct.pack("=H", 1) != struct.pack(">H", 1):
-                table.byteswap()
-            self._table, self._raw_table = table, None
+            self._table, self._raw_table = be64_array(self._raw_table), None
         return self._table
 
     @table.setter
@@ -460,10 +458,7 @@ class Refcounts:
                 blk.dirty = True
         self.write_blocks()
         self.file.flush()
-        out = array("Q", table)
-        if struct.pack("=H", 1) != struct.pack(">H", 1):
-            out.byteswap()
-        self.file.pwrite(table_offset, out.tobytes())
+        self.file.pwrite(table_offset, be64_bytes(table))
         self.file.flush()
         old_offset, old_clusters = self.table_offset, self.table_clusters
         if self.update_header is not None:
@@ -509,15 +504,12 @@ class Refcounts:
 
     def write_table(self, flush: Callable[[], None]) -> None:
         """Write changed table entries, or the moved table and switch the header."""
-        from array import array
         if not self.table_dirty:
             return
         moved = getattr(self, "_table_moved", False)
         if moved:
-            out = array("Q", self.table)
-            out.byteswap()
             flush()
-            self.file.pwrite(self.table_offset, out.tobytes())
+            self.file.pwrite(self.table_offset, be64_bytes(self.table))
             flush()
             if self.update_header is not None:
                 self.update_header(self.table_offset, self.table_clusters)

@@ -26,12 +26,17 @@ if TYPE_CHECKING:
 _NATIVE_LE = struct.pack("=H", 1) == struct.pack("<H", 1)
 
 
-def read_be64_array(file: HostFile, offset: int, count: int) -> array:
+def be64_array(raw: bytes) -> array:
+    """Big-endian 64-bit table entries as native integers."""
     from array import array
-    values = array("Q", file.pread_full(offset, 8 * count))
+    values = array("Q", raw)
     if _NATIVE_LE:
         values.byteswap()
     return values
+
+
+def read_be64_array(file: HostFile, offset: int, count: int) -> array:
+    return be64_array(file.pread_full(offset, 8 * count))
 
 
 def be64_bytes(values: array) -> bytes:
@@ -276,11 +281,7 @@ class L1Table:
     @property
     def values(self) -> array:
         if self._values is None:
-            from array import array
-            values = array("Q", self._raw)
-            if _NATIVE_LE:
-                values.byteswap()
-            self._values, self._raw = values, None
+            self._values, self._raw = be64_array(self._raw), None
         return self._values
 
     def __len__(self) -> int:
