@@ -238,6 +238,9 @@ def create_file(file: HostFile, size: int, prealloc: str) -> None:
     off: sparse; falloc: posix_fallocate; full: zeros written. For off and
     falloc the first min(size, 4 KiB) are then written as zeros, as QEMU's
     allocate_first_block does (so alignment probing works on later opens).
+    Nothing is flushed, as QEMU's file protocol does not at creation: an
+    fdatasync here cost 8-23 ms of a 0.22 s convert to raw (the journal
+    commit), for no promise qemu-img makes.
     """
     if file.is_device:
         _create_on_device(file, size, prealloc)
@@ -251,7 +254,6 @@ def create_file(file: HostFile, size: int, prealloc: str) -> None:
             file.fallocate(0, size)
         if size:
             file.pwrite(0, bytes(min(size, 4096)))
-    file.flush()
 
 
 def _create_on_device(file: HostFile, size: int, prealloc: str) -> None:

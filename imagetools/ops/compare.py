@@ -306,10 +306,18 @@ class _Reader:
     def __init__(self, drivers, names) -> None:
         self.drivers = drivers
         self.names = names
-        self.buf1 = bytearray(IO_BUF_SIZE)
-        self._spare = [bytearray(IO_BUF_SIZE) for _ in range(self.DEPTH)]
+        # buffers are made when first needed: images that are zero or
+        # allocated in neither need none
+        self._buf1: bytearray | None = None
         self._thread = None
         self._in_use = None
+
+    @property
+    def buf1(self) -> bytearray:
+        """The first image's buffer (read in the calling thread)."""
+        if self._buf1 is None:
+            self._buf1 = bytearray(IO_BUF_SIZE)
+        return self._buf1
 
     def _fill(self, which: int, buf, offset: int, length: int):
         try:
@@ -332,8 +340,8 @@ class _Reader:
             self._ready: "queue.SimpleQueue" = queue.SimpleQueue()
             self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
             self._stop = False
-            for buf in self._spare:
-                self._free.put(buf)
+            for _ in range(self.DEPTH):
+                self._free.put(bytearray(IO_BUF_SIZE))
             self._thread = threading.Thread(target=self._work, daemon=True,
                                             name="qimg-compare")
             self._thread.start()

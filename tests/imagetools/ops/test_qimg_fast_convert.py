@@ -272,3 +272,40 @@ def test_compare_with_a_damaged_table_fails_as_qemu_img(tools, order) -> None:
     names = ("a.qcow2", "b.qcow2") if order == "damaged-second" else ("b.qcow2", "a.qcow2")
     result = tools.same("compare", *names)
     assert result.rc == 3 and b"Sector allocation test failed for b.qcow2" in result.err
+
+
+def test_compare_makes_its_buffers_only_when_it_reads(tmp_path, qemu_img, qemu_io,
+                                                      monkeypatch) -> None:
+    """No 2 MiB buffer for images with nothing to read, none of the
+    read-ahead thread's while only the first image is read; the answers are
+    qemu-img's."""
+    from imagetools.ops import compare
+    from imagetools.ops.common import open_image
+    readers = []
+
+    class Watched(compare._Reader):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            readers.append(self)
+
+    monkeypatch.setattr(compare, "_Reader", Watched)
+    for name in ("empty1.qcow2", "empty2.qcow2", "one.qcow2"):
+        subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(tmp_path / name), "8M"],
+                       check=True)
+    subprocess.run([qemu_io, "-f", "qcow2", "-c", "write -P 0 1M 64k", "-c",
+                    "write -P 7 3M 4k", str(tmp_path / "one.qcow2")],
+                   check=True, capture_output=True)
+    seen = []
+    for names in (("empty1.qcow2", "empty2.qcow2"), ("one.qcow2", "empty1.qcow2")):
+        ref = subprocess.run([qemu_img, "compare", *names], cwd=tmp_path, capture_output=True)
+        drv1, drv2 = (open_image(str(tmp_path / n), None) for n in names)
+        try:
+            ours = compare.compare_images(drv1, drv2)
+        finally:
+            drv1.close()
+            drv2.close()
+        assert (ours.exit_code, "".join(line + "\n" for line in ours.lines)) == \
+            (ref.returncode, ref.stdout.decode()), names
+        reader = readers[-1]
+        seen.append((reader._buf1 is not None, reader._thread is not None))
+    assert seen == [(False, False), (True, False)]
