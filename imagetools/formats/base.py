@@ -46,7 +46,7 @@ against it keep working.
 
 from __future__ import annotations
 
-from operator import itemgetter
+from _operator import itemgetter   # operator.py only re-exports it (start-up)
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class Driver:
         view[:] = self.read(offset, len(view))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        raise NotImplementedError
+        self._cannot_write()
 
     def write_from_fd(self, offset: int, length: int, src_fd: int, src_offset: int) -> None:
         """Write guest ``[offset, offset+length)`` with bytes read from ``src_fd``.
@@ -412,11 +412,11 @@ class Driver:
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make the range read as zeros; with ``unmap`` the space may be freed."""
-        raise NotImplementedError
+        self._cannot_write()
 
     def discard(self, offset: int, length: int) -> None:
         """Forget the range (it may then read from the backing file or as zeros)."""
-        raise NotImplementedError
+        self._cannot_write()
 
     def write_compressed(self, offset: int, data: bytes) -> None:
         """Write one whole cluster compressed (formats that support it).
@@ -443,7 +443,16 @@ class Driver:
         ``blob`` is what :meth:`compressor` returned for the cluster's data;
         if it is None the cluster is written uncompressed from ``plain``.
         """
-        raise NotImplementedError(f"{self.format_name} does not support compression")
+        self._cannot_write(f"{self.format_name} does not support compression")
+
+    def _cannot_write(self, why: str = "") -> None:
+        """The write methods' default: a read-only image says so (as a
+        driver that writes would), any other this driver cannot write."""
+        if self.read_only:
+            import errno
+            from imagetools.errors import ImageIOError
+            raise ImageIOError("Image is read-only", errno.EACCES)
+        raise NotImplementedError(why)
 
     # -- status --------------------------------------------------------
 

@@ -153,6 +153,31 @@ def test_info_of_a_qcow2_decodes_no_table(tmp_path, qemu_img) -> None:
     assert "array" in _modules_after("map", str(image), prefix="array")
 
 
+def test_only_writable_opens_load_the_qcow2_write_side(tmp_path, qemu_img) -> None:
+    """The write side (``imagetools.formats.qcow2.write``, about 0.5 ms of
+    imports) is the class a writable open returns; read-only commands never
+    load it, and a read-only driver still refuses writes as before."""
+    import errno
+    from imagetools.errors import ImageIOError
+    from imagetools.image import open_image
+    image = tmp_path / "x.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    writer = "imagetools.formats.qcow2.write"
+    for argv in (["info", str(image)], ["check", str(image)], ["map", str(image)]):
+        assert writer not in _modules_after(*argv, prefix=writer), argv
+    assert writer in _modules_after("resize", str(image), "+1M", prefix=writer)
+    with open_image(str(image)) as drv:
+        for write in (lambda: drv.write(0, b"x"), lambda: drv.write_zeroes(0, 512),
+                      lambda: drv.discard(0, 512)):
+            with pytest.raises(ImageIOError, match="Image is read-only") as err:
+                write()
+            assert err.value.errno == errno.EACCES
+    with open_image(str(image), read_only=False) as drv:
+        drv.write(0, b"x" * 512)
+    with open_image(str(image)) as drv:
+        assert drv.read(0, 512) == b"x" * 512
+
+
 def test_module_entry_point_uses_qimg_prefix() -> None:
     proc = subprocess.run([sys.executable, "-m", "imagetools", "nosuch"], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)

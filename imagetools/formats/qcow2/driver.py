@@ -1,9 +1,11 @@
 """The qcow2 driver: opening, metadata, writeback and closing.
 
-The read side (cluster map, reads, block status) is :mod:`.read`, the write
-side (writes, zero writes, discards, compressed clusters) :mod:`.write`;
-both are mixins of :class:`Qcow2Driver`. This module owns the metadata
-lifecycle: tables are changed in memory and written back in the order
+The read side (cluster map, reads, block status) is :mod:`.read`, a mixin
+of :class:`Qcow2Driver`. The write side (writes, zero writes, discards,
+compressed clusters) is :class:`.write.Qcow2Writer`, the subclass that
+``open`` returns for a writable open; it is only imported then, which keeps
+read-only commands such as ``info`` quick to start. This module owns the
+metadata lifecycle: tables are changed in memory and written back in the order
 data -> refcounts -> L2 -> L1, with flushes in between, so that being
 killed at any moment leaves at worst leaked clusters (see ``writeback``).
 """
@@ -22,14 +24,13 @@ from imagetools.formats.qcow2.layout import Layout
 from imagetools.formats.qcow2.read import Qcow2Reader
 from imagetools.formats.qcow2.refcount import Refcounts
 from imagetools.formats.qcow2.tables import L1Table, L2Cache
-from imagetools.formats.qcow2.write import Qcow2Writer
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Callable
 
 
-class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
+class Qcow2Driver(Qcow2Reader, Driver):
     format_name = "qcow2"
     supports_backing = True
 
@@ -45,6 +46,8 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
     @classmethod
     def open(cls, filename: str, *, read_only: bool = True, force_share: bool = False,
              probed: bool = False, check_mode: bool = False) -> "Qcow2Driver":
+        if not read_only:
+            from imagetools.formats.qcow2.write import Qcow2Writer as cls
         file = HostFile.open(filename, read_only=read_only, force_share=force_share)
         try:
             return cls(file, filename, read_only=read_only, force_share=force_share,
@@ -127,10 +130,13 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         self._prealloc_detected: bool | None = None
         self._first_write_done = False
         self._overlap = None
-        self.init_writer()
-        self.refcounts.on_metadata = self._note_metadata
+        self._corruption_reported = False
+        self._init_writer()
         if not read_only and self.is_dirty() and not check_mode:
             self._repair_dirty()
+
+    def _init_writer(self) -> None:
+        """Set up the write side's state (a writable open's class does)."""
 
     def _repair_dirty(self) -> None:
         """A dirty image (killed with lazy refcounts) is repaired before writing,
@@ -258,6 +264,17 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
         info.update(luks_info(self.file.pread_full(offset, max(length, 592))))
         return info
 
+    def compressor(self) -> Callable[[bytes], bytes | None]:
+        from imagetools.formats.qcow2 import compression   # zlib: only when used
+        fn = compression.compressor(self.header.compression_type, self._cluster_size)
+        cs = self._cluster_size
+
+        def compress_cluster(data: bytes) -> bytes | None:
+            if len(data) < cs:
+                data = bytes(data) + bytes(cs - len(data))
+            return fn(data)
+        return compress_cluster
+
     # -- snapshots -----------------------------------------------------------
 
     def open_snapshot(self, name_or_id: str) -> Driver:
@@ -323,16 +340,13 @@ class Qcow2Driver(Qcow2Reader, Qcow2Writer, Driver):
                                    h.refcount_table_clusters,
                                    update_header=self._write_reftable_pointer,
                                    read_only=self.read_only)
-        self.refcounts.on_metadata = self._note_metadata
         self.l2_cache = L2Cache(file, self.layout)
         self._snapshots = []
         if h.nb_snapshots:
             from imagetools.formats.qcow2.snapshots import read_snapshots
             self._snapshots = read_snapshots(file, h)
-        self._meta_clusters = None
         self._compressed_cache = None
         self._prealloc_detected = None
-        self._free_byte_offset = 0
 
     # -- check -----------------------------------------------------------------
 

@@ -23,11 +23,9 @@ same map as qemu-io would for the same operations.
 from __future__ import annotations
 
 import errno
-TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
-if TYPE_CHECKING:
-    from typing import Callable
 
 from imagetools.errors import ImageError, ImageIOError
+from imagetools.formats.qcow2.driver import Qcow2Driver
 from imagetools.formats.qcow2.layout import (
     BITMAP_ALL_ZERO, COMPRESSED, L1E_OFFSET_MASK, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COPIED,
     QCOW_OFLAG_ZERO, UNALLOCATED_ALLOC, UNALLOCATED_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
@@ -72,21 +70,30 @@ class _FdSource:
         return FdSlice(self.fd, self.fd_offset + start - self.base, end - start)
 
 
-class Qcow2Writer:
-    """Mixin of :class:`Qcow2Driver` holding everything that changes an image."""
+class Qcow2Writer(Qcow2Driver):
+    """A qcow2 image opened for writing: everything that changes an image.
+
+    :meth:`Qcow2Driver.open` returns this class for a writable open.
+    """
 
     #: pass guest discards (and zero writes with unmap) down to the host
     #: file as QEMU does with discard=unmap: freed clusters become holes
     discard_passthrough = True
 
-    def init_writer(self) -> None:
+    def _init_writer(self) -> None:
         self._bitmaps_started = False
         self._bitmap_tracker = None
         self._free_byte_offset = 0
         self._meta_clusters: dict[int, str] | None = None
         #: refuse_uncounted_metadata passed (once per session)
         self._metadata_counted = False
-        self._corruption_reported = False
+        self.refcounts.on_metadata = self._note_metadata
+
+    def _reload_metadata(self) -> None:
+        super()._reload_metadata()
+        self.refcounts.on_metadata = self._note_metadata
+        self._meta_clusters = None
+        self._free_byte_offset = 0
 
     # -- checks ----------------------------------------------------------
 
@@ -603,17 +610,6 @@ class Qcow2Writer:
             pos = stop
 
     # -- compressed clusters -------------------------------------------------------
-
-    def compressor(self) -> Callable[[bytes], bytes | None]:
-        from imagetools.formats.qcow2 import compression   # zlib: only when used
-        fn = compression.compressor(self.header.compression_type, self._cluster_size)
-        cs = self._cluster_size
-
-        def compress_cluster(data: bytes) -> bytes | None:
-            if len(data) < cs:
-                data = bytes(data) + bytes(cs - len(data))
-            return fn(data)
-        return compress_cluster
 
     def write_compressed_blob(self, offset: int, blob: bytes | None, length: int,
                               plain: bytes | None = None) -> None:
