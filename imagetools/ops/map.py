@@ -110,6 +110,11 @@ def print_json(batches, start: int = 0) -> None:
     this is where map spends its time. Statuses are interned
     (:class:`~imagetools.formats.base.MapStatus`), so they compare with
     ``is`` and their part of the line is made once.
+
+    A batch that offers its items as columns (``hosts``: see
+    :class:`~imagetools.formats.qcow2.read.ClusterItems`) is read from
+    them, with the same merging written out for its two statuses: no item
+    tuples are made for a scattered table.
     """
     from imagetools.formats.base import MapStatus
     write = sys.stdout.write
@@ -121,6 +126,42 @@ def print_json(batches, start: int = 0) -> None:
     cend = None                 # where the current entry's offset would continue
     try:
         for batch in batches:
+            hosts = getattr(batch, "hosts", None)
+            if hosts is not None:
+                size, data, hole = batch.cluster_size, batch.data, batch.hole
+                # the usual line here, one data cluster, is made from fewer pieces
+                one = f', "length": {size}, {_json_status(data)}, "offset": '
+                for s, h in zip(range(batch.start, batch.start + len(hosts) * size, size),
+                                hosts):
+                    if h:                   # data at host offset h
+                        if h == cend and cst is data:
+                            cl += size
+                            cend += size
+                            continue
+                        st = data
+                    else:                   # no data, no offset
+                        if cend is None and cst is hole:
+                            cl += size
+                            continue
+                        st = hole
+                    if cst is data and cl == size:
+                        append(f'{{ "start": {cs}{one}{co}}}')
+                    elif cl:
+                        part = parts.get(cst) or parts.setdefault(cst, _json_status(cst))
+                        if co is None:
+                            append(f'{{ "start": {cs}, "length": {cl}, {part}}}')
+                        else:
+                            append(f'{{ "start": {cs}, "length": {cl}, {part}, '
+                                   f'"offset": {co}}}')
+                    cs, cl, cst = s, size, st
+                    co = cend = None
+                    if h:
+                        co, cend = h, h + size
+                if len(lines) >= _BATCH:
+                    write(",\n".join(lines) + ",\n")
+                    lines = []
+                    append = lines.append
+                continue
             for s, l, st, o in batch:
                 if o == cend and st is cst and cl:
                     cl += l

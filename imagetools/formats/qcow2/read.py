@@ -391,7 +391,10 @@ class Qcow2Reader:
                 if values is None:
                     self._map_unallocated(pos, stop - pos, out)
                 else:
-                    self._map_slice(values, pos, stop, kinds, out)
+                    columns = self._map_slice(values, pos, stop, kinds, out)
+                    if columns is not None:
+                        yield columns
+                        continue
             except Exception:
                 if out:
                     yield out          # what came before the failure, then the failure
@@ -399,13 +402,14 @@ class Qcow2Reader:
             yield out
 
     def _map_slice(self, values, pos: int, end: int, kinds: _MapKinds,
-                   out: list[tuple]) -> None:
+                   out: list[tuple]) -> ClusterItems | None:
         """Map's items for one slice of a standard L2 table, appended to ``out``.
 
         Data clusters (contiguous ones as one item) and unallocated runs
         are handled here, entry by entry, or a whole scattered slice at once
-        (:meth:`_map_scattered`); runs of any other entry (zero, compressed,
-        unaligned, flags only) go through :meth:`_l2_pieces`.
+        (:meth:`_map_scattered`, which returns them as columns instead when
+        there is no backing file); runs of any other entry (zero,
+        compressed, unaligned, flags only) go through :meth:`_l2_pieces`.
         """
         cs = self._cluster_size
         cbits = self.cluster_bits
@@ -419,8 +423,7 @@ class Qcow2Reader:
             # scattered: data clusters, few of which follow each other
             data = 0 if found is None else found[1].count(1)
             if data and 4 * contiguous_pairs(found[0], cs) < data:
-                self._map_scattered(*found, pos, kinds, out)
-                return
+                return self._map_scattered(*found, pos, kinds, out)
         other = _NOT_PLAIN_DATA | ((cs - 1) & L2E_OFFSET_MASK)
         append = out.append
         data_status = kinds.data
@@ -461,24 +464,24 @@ class Qcow2Reader:
                 self._map_pieces(pieces, kinds, out)
             s = stop
             idx = j
+        return None
 
     def _map_scattered(self, hosts, present: bytes, pos: int, kinds: _MapKinds,
-                       out: list[tuple]) -> None:
+                       out: list[tuple]) -> ClusterItems | None:
         """Map's items for whole clusters from ``pos`` whose data is scattered.
 
         ``hosts`` and ``present``: each cluster's host offset and whether it
         has data (see :func:`~.tables.data_hosts`). Every cluster is an item
-        of its own (the caller merges the few that follow each other), made
-        by zip at C speed; with a backing file, the unallocated runs between
-        them are looked up one run at a time.
+        of its own (the caller merges the few that follow each other).
+        Without a backing file they are returned as columns
+        (:class:`ClusterItems`); with one, they are made by zip at C speed
+        and the unallocated runs between them are looked up one run at a time.
         """
+        if self.backing is None:
+            return ClusterItems(pos, self._cluster_size, hosts, kinds.data, _ZEROS_AT_END)
         cs = self._cluster_size
         n = len(hosts)
         starts = range(pos, pos + n * cs, cs)
-        if self.backing is None:
-            out += zip(starts, repeat(cs), map(kinds.by_presence.__getitem__, present),
-                       map(_NONE_IF_0.get, hosts, hosts))
-            return
         items = list(zip(starts, repeat(cs), repeat(kinds.data), hosts))
         done = 0                       # items before this are in out
         first = last = -2              # the unallocated run being gathered: [first, last]
@@ -496,6 +499,7 @@ class Qcow2Reader:
             self._map_unallocated(pos + first * cs, (last + 1 - first) * cs, out)
             done = last + 1
         out += items[done:]
+        return None
 
     def _map_pieces(self, pieces: list[tuple], kinds: _MapKinds, out: list[tuple]) -> None:
         """Map's items for (start, length, type, host, entry) pieces (see _l2_pieces)."""
@@ -580,18 +584,47 @@ class Qcow2Reader:
         return self._prealloc_detected
 
 
+class ClusterItems:
+    """A batch of map's items (see :meth:`Driver.map_runs`) as columns: one
+    item per whole cluster from ``start``.
+
+    ``hosts`` holds each cluster's host offset, 0 for one without data
+    (whose status is ``hole`` and offset None; the others' is ``data``).
+    Iterating gives the items as tuples; ``ops.map`` reads the columns
+    instead, as a fragmented image has an item per cluster.
+    """
+
+    __slots__ = ("start", "cluster_size", "hosts", "data", "hole")
+
+    def __init__(self, start: int, cluster_size: int, hosts, data: MapStatus,
+                 hole: MapStatus) -> None:
+        self.start = start
+        self.cluster_size = cluster_size
+        self.hosts = hosts
+        self.data = data
+        self.hole = hole
+
+    def __len__(self) -> int:
+        return len(self.hosts)
+
+    def __iter__(self) -> Iterator[tuple]:
+        cs = self.cluster_size
+        hosts = self.hosts
+        return zip(range(self.start, self.start + len(hosts) * cs, cs), repeat(cs),
+                   map((self.hole, self.data).__getitem__, map(bool, hosts)),
+                   map(_NONE_IF_0.get, hosts, hosts))
+
+
 class _MapKinds:
     """The map statuses of one image's clusters (see :meth:`Qcow2Reader.map_runs`)."""
 
-    __slots__ = ("data", "zero_plain", "zero_alloc", "compressed", "by_presence")
+    __slots__ = ("data", "zero_plain", "zero_alloc", "compressed")
 
     def __init__(self, data_name: str) -> None:
         self.data = MapStatus.of(0, True, False, True, data_name)
         self.zero_plain = MapStatus.of(0, True, True, False)
         self.zero_alloc = MapStatus.of(0, True, True, False, data_name)
         self.compressed = MapStatus.of(0, True, False, True)
-        #: unallocated (no backing file) or data, by a byte 0 or 1
-        self.by_presence = (_ZEROS_AT_END, self.data)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -212,3 +212,41 @@ def test_a_corrupt_entry_fails_where_qemu_img_fails(qemu_img, qemu_io, qimg, tmp
     with open_image(path) as drv:
         assert _printed(print_json, drv.map_runs(0, drv.size)) == \
             _printed(print_json, Driver.map_runs(drv, 0, drv.size))
+
+
+def test_column_batches_print_as_their_items(tmp_path):
+    """print_json reads a ClusterItems batch from its columns: the same text as
+    from its items, also where entries continue across batches of either kind
+    (holes into holes, data into contiguous data) and for runs of contiguous
+    data inside a batch, which the images above rarely have."""
+    from imagetools.formats.base import MapStatus
+    from imagetools.formats.qcow2.read import ClusterItems
+    from array import array
+    rng = random.Random(18)
+    cs = 4096
+    data = MapStatus.of(0, True, False, True, str(tmp_path / "x.qcow2"))
+    hole = MapStatus.of(0, False, True, False)
+    zero = MapStatus.of(0, True, True, False)
+    for _ in range(40):
+        batches, pos, host = [], 0, 0
+        for _ in range(rng.randrange(1, 6)):
+            n = rng.randrange(1, 40)
+            hosts = array("Q")
+            for _ in range(n):
+                kind = rng.random()
+                if kind < 0.3:
+                    hosts.append(0)
+                else:                    # contiguous with the one before, or not
+                    host = host + cs if kind < 0.6 and host else rng.randrange(1, 500) * cs
+                    hosts.append(host)
+            columns = ClusterItems(pos, cs, hosts, data, hole)
+            batches.append(columns if rng.random() < 0.7 else list(columns))
+            pos += n * cs
+            if rng.random() < 0.3:       # something else in between
+                length = rng.randrange(1, 4) * cs
+                batches.append([(pos, length, rng.choice((zero, hole)), None)])
+                pos += length
+        items = [list(batch) for batch in batches]
+        assert all(type(b) is list for b in items)
+        assert _printed(print_json, iter(batches)) == _printed(print_json, iter(items))
+        assert _printed(print_human, iter(batches)) == _printed(print_human, iter(items))
