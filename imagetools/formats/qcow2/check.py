@@ -420,12 +420,15 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     # past it (IndexError) is reported one by one, as is a refcount over
     # the width (ValueError); both undo what was counted
     view = memoryview(counts)[:min(len(counts), counter.file_len >> drv.cluster_bits)]
-    done = 0
+    it = iter(ks)
     try:
-        for done, k in enumerate(ks):
+        for k in it:
             view[k] += 1
     except (IndexError, ValueError):
-        for k in ks[:done]:          # the failed one was not counted
+        # the failed one was not counted, and the loop left the iterator
+        # just after it: what is left in it says how many were
+        done = len(ks) - 1 - len(list(it))
+        for k in ks[:done]:
             view[k] -= 1
         return False
     finally:

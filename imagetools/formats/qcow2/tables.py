@@ -80,11 +80,11 @@ def plain_clusters(words: array, cluster_bits: int) -> tuple[list[int], bool] | 
     if raw is None:
         return None
     moved = _index_bytes(raw, cluster_bits)
-    present = 0                       # bit i: entry i has a host cluster
+    present = 0         # byte i not 0: entry i has a host cluster (OR has no carries)
     for lane in range(8 - cluster_bits // 8):
-        present |= int.from_bytes(moved[lane::8].translate(_NONZERO), "little")
-    copied = int.from_bytes(raw[7::8].translate(_NONZERO), "little")
-    return list(filter(None, array("Q", moved))), copied & present == present
+        present |= int.from_bytes(moved[lane::8], "little")
+    uncopied = int.from_bytes(raw[7::8].translate(_ZERO_TO_FF), "little")
+    return list(filter(None, array("Q", moved))), not present & uncopied
 
 
 def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:
@@ -102,14 +102,15 @@ def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:
     if raw is None:
         return None
     n = len(words)
-    present = 0
+    offsets = 0             # byte i not 0: entry i has an offset (OR has no carries)
     for lane in range(1, 7):
-        present |= int.from_bytes(raw[lane::8].translate(_NONZERO), "little")
-    if int.from_bytes(raw[7::8].translate(_NONZERO), "little") & ~present:
+        offsets |= int.from_bytes(raw[lane::8], "little")
+    present = offsets.to_bytes(n, "little").translate(_NONZERO)
+    if int.from_bytes(raw[7::8], "little") & ~(int.from_bytes(present, "little") * 0xFF):
         return None                 # COPIED without an offset: not data (or data file's 0)
     cleared = bytearray(raw)
     cleared[7::8] = bytes(n)
-    return array("Q", cleared), present.to_bytes(n, "little")
+    return array("Q", cleared), present
 
 
 def _plain_bytes(words: array, cluster_bits: int, low: bytes) -> bytes | None:
@@ -152,7 +153,7 @@ def contiguous_pairs(values: array, step: int) -> int:
     """How many of ``values`` (after the first) are the one before plus ``step``.
 
     Each value plus ``step`` is compared with the next as 8-byte fields of
-    two big integers (XOR: a zero field is a match, found by folding each
+    two big integers (XOR: a zero field is a match, found by OR-ing each
     field's bytes into one); values stay below 2**56 (host offsets, cluster
     indices), so the addition never carries into the next field.
     """
@@ -160,15 +161,16 @@ def contiguous_pairs(values: array, step: int) -> int:
     if n <= 0:
         return 0
     order = "little" if _NATIVE_LE else "big"
-    packed = values.tobytes()
-    following = int.from_bytes(packed[:-8], order) + \
-        int.from_bytes(step.to_bytes(8, order) * n, order)
-    diff = int.from_bytes(packed[8:], order) ^ following
+    whole = int.from_bytes(values.tobytes(), order)
+    # the fields without the last one and without the first (one conversion)
+    high, low = whole >> 64, whole & ((1 << (64 * n)) - 1)
+    before, after = (low, high) if _NATIVE_LE else (high, low)
+    diff = after ^ (before + int.from_bytes(step.to_bytes(8, order) * n, order))
     fields = diff.to_bytes(8 * n, order)
-    nonzero = 0                      # byte i is 1 where field i is not 0
+    folded = 0                       # byte i is 0 where field i is 0
     for lane in range(8):
-        nonzero |= int.from_bytes(fields[lane::8].translate(_NONZERO), "little")
-    return n - nonzero.bit_count()
+        folded |= int.from_bytes(fields[lane::8], "little")
+    return folded.to_bytes(n, "little").count(0)
 
 
 def with_copied(words: array, indices: array, copied: bool) -> array:
@@ -189,6 +191,7 @@ def with_copied(words: array, indices: array, copied: bool) -> array:
 
 _MASKED: dict[int, bytes] = {}
 _ONE_TO_FF = bytes([0, 0xFF]) + bytes(254)
+_ZERO_TO_FF = bytes([0xFF]) + bytes(255)
 _NONZERO = bytes([0]) + bytes([1]) * 255
 
 

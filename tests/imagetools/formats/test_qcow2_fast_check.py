@@ -182,3 +182,44 @@ def test_data_clusters_at_and_past_the_end_of_the_file(qemu_img, qemu_io, qimg, 
                 *scattered(200, 512, 4096, 14), "write -P 9 3M 16k")
     os.truncate(path, os.path.getsize(path) - cut)
     same_check(qemu_img, qimg, path)
+
+
+def test_contiguity_at_byte_and_width_boundaries():
+    """Fields whose bytes carry into the next byte (0xFF...), values just under
+    2**56 and steps of one and of a cluster: the folded XOR finds exactly the
+    pairs that follow each other."""
+    rng = random.Random(56)
+    top = (1 << 56) - 1
+    for step in (1, 1 << 9, 1 << 16, 1 << 21):
+        edges = [0xFF * step, 0xFFFF * step, (top // step - 1) * step, step]
+        for n in (2, 3, 9, 300):
+            values = []
+            for _ in range(n):
+                if values and rng.random() < 0.4 and values[-1] + step <= top:
+                    values.append(values[-1] + step)
+                else:
+                    values.append(rng.choice(edges) if rng.random() < 0.5
+                                  else rng.randrange(0, top // step) * step)
+            follow = sum(1 for a, b in zip(values, values[1:]) if b == a + step)
+            assert contiguous_pairs(array("Q", values), step) == follow
+
+
+@pytest.mark.parametrize("cbits", [9, 14, 16, 21])
+def test_data_hosts_matches_its_definition(cbits):
+    """Map's whole-slice view: host offsets and presence of a table of data and
+    unallocated entries (COPIED or not); None for anything else, including a
+    COPIED flag on an entry without an offset."""
+    from imagetools.formats.qcow2.tables import data_hosts
+    rng = random.Random(cbits)
+    for n in (1, 2, 9, 512):
+        words = array("Q", bytes(8 * n))
+        for i in range(n):
+            if rng.random() < 0.7:
+                words[i] = (rng.random() < 0.5) << 63 | rng.randrange(1, 1 << 30) << cbits
+        hosts, present = data_hosts(words, cbits)
+        assert list(hosts) == [w & L2_MASK for w in words]
+        assert present == bytes(bool(w) for w in words)
+        for odd in ((1 << 63), (1 << 63) | 1, 1, 1 << 62, 1 << cbits | 1 << 8):
+            bad = array("Q", words)
+            bad[rng.randrange(n)] = odd
+            assert data_hosts(bad, cbits) is None, hex(odd)
