@@ -135,7 +135,7 @@ class _Counter:
         #: active L2 tables the whole-table path counted: offset -> (cluster
         #: indices of the entries with a host cluster, whether all of those
         #: entries have QCOW_OFLAG_COPIED)
-        self.plain_l2: dict[int, tuple[list[int], bool]] = {}
+        self.plain_l2: dict[int, tuple[array, bool]] = {}
 
     def inc(self, offset: int, size: int, times: int = 1) -> None:
         if size <= 0 or times <= 0:
@@ -434,15 +434,16 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     finally:
         view.release()               # counts may grow again
     if active:
-        res.allocated_clusters += len(ks)
-        res.fragmented_clusters += _discontiguous(ks)
-        counter.plain_l2[l2_offset] = (ks, copied)
+        clusters = array("Q", ks)    # kept for the COPIED check: 8 bytes a cluster
+        res.allocated_clusters += len(clusters)
+        res.fragmented_clusters += _discontiguous(clusters)
+        counter.plain_l2[l2_offset] = (clusters, copied)
     return True
 
 
-def _discontiguous(ks: list[int]) -> int:
-    """How many of ``ks`` (after the first) do not follow the one before."""
-    return max(0, len(ks) - 1 - contiguous_pairs(array("Q", ks), 1))
+def _discontiguous(clusters: array) -> int:
+    """How many of ``clusters`` (after the first) do not follow the one before."""
+    return max(0, len(clusters) - 1 - contiguous_pairs(clusters, 1))
 
 
 def _ones_at_most(counts: array, stored: array) -> bool:

@@ -80,11 +80,17 @@ def plain_clusters(words: array, cluster_bits: int) -> tuple[list[int], bool] | 
     if raw is None:
         return None
     moved = _index_bytes(raw, cluster_bits)
+    n = len(words)
     present = 0         # byte i not 0: entry i has a host cluster (OR has no carries)
     for lane in range(8 - cluster_bits // 8):
         present |= int.from_bytes(moved[lane::8], "little")
     uncopied = int.from_bytes(raw[7::8].translate(_ZERO_TO_FF), "little")
-    return list(filter(None, array("Q", moved))), not present & uncopied
+    indices = array("Q", moved)
+    if present.to_bytes(n, "little").count(0):
+        clusters = list(filter(None, indices))
+    else:
+        clusters = indices.tolist()           # a full table: nothing to leave out
+    return clusters, not present & uncopied
 
 
 def data_hosts(words: array, cluster_bits: int) -> tuple[array, bytes] | None:

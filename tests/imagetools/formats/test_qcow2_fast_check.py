@@ -155,7 +155,7 @@ def test_contiguity_helpers_match_their_definitions():
         ks = [rng.choice((k, k + 1)) for k in sorted(rng.sample(range(1, 5000), n))]
         follow = sum(1 for a, b in zip(ks, ks[1:]) if b == a + 1)
         assert contiguous_pairs(array("Q", ks), 1) == follow
-        assert _discontiguous(ks) == max(0, len(ks) - 1 - follow)
+        assert _discontiguous(array("Q", ks)) == max(0, len(ks) - 1 - follow)
         hosts = array("Q", [k << 16 for k in ks])
         assert contiguous_pairs(hosts, 1 << 16) == follow
 
@@ -223,3 +223,17 @@ def test_data_hosts_matches_its_definition(cbits):
             bad = array("Q", words)
             bad[rng.randrange(n)] = odd
             assert data_hosts(bad, cbits) is None, hex(odd)
+
+
+@pytest.mark.parametrize("cbits", [9, 16])
+def test_plain_clusters_of_a_full_table(cbits):
+    """Every entry has a host cluster (nothing to leave out): the same clusters,
+    as a list, and COPIED found as in a table with holes."""
+    rng = random.Random(cbits + 1)
+    for copied in (True, False):
+        ks = [rng.randrange(1, 1 << 20) for _ in range(512)]
+        words = array("Q", [(copied << 63) | k << cbits for k in ks])
+        assert plain_clusters(words, cbits) == (ks, copied)
+        words[7] &= ~(1 << 63) if copied else ~0
+        if copied:
+            assert plain_clusters(words, cbits) == (ks, False)
