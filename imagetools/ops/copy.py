@@ -350,6 +350,9 @@ class Copier:
         #: (host file name, host offset, at sector) of the data of the last
         #: chunk planned, from the block status; only a read-ahead hint
         self.host_hint: tuple[str, int, int] | None = None
+        #: the host files the read-ahead hints of chunks() name, by index
+        self.hint_files: list[str] = []
+        self._hint_ids: dict[str, int] = {}
         self.sector_next_status = 0
         self.status = BLK_DATA
         self.stats = ConvertStats(total_bytes=total_sectors * SECTOR)
@@ -414,15 +417,29 @@ class Copier:
                 n -= n % self.cluster_sectors
         return n
 
-    def chunks(self) -> Iterator[tuple[int, int, str]]:
+    def chunks(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """The chunks in guest order, ``(sector, n, status, file, host)``:
+        for data, where its bytes lie in a host file (a read-ahead hint),
+        ``file`` an index into :attr:`hint_files`; -1 where that is not
+        known (not data, compressed, past the end of the source)."""
         self.sector_next_status = 0
+        ids, files = self._hint_ids, self.hint_files
         sector = 0
         while sector < self.total_sectors:
             n = self.iteration_sectors(sector)
             status = self.status
             if not self.min_sparse and status == BLK_ZERO:
                 n = min(n, self.buf_sectors)
-            yield sector, n, status
+            hint = self.host_hint
+            if hint is None or status != BLK_DATA:
+                yield sector, n, status, -1, 0
+            else:
+                name, host, at = hint
+                index = ids.get(name)
+                if index is None:
+                    index = ids[name] = len(files)
+                    files.append(name)
+                yield sector, n, status, index, host + (sector - at) * SECTOR
             sector += n
 
     # ---- the copy (convert_co_do_copy) ----
@@ -486,25 +503,30 @@ class Copier:
     def _first_pass(self):
         """qemu-img's first pass: how many sectors will count for progress.
 
-        Only progress needs it (without ``-p`` the reader thread walks the
-        block status once, while the data is written). The chunks are kept
-        (compactly) for the copy pass unless there are very many, in which
-        case the copy pass walks the block status again.
+        Only progress needs it (``-p``, and the report SIGUSR1 asks for
+        without it; the API without progress has the reader thread walk the
+        block status once, while the data is written). The chunks and their
+        read-ahead hints are kept (compactly) for the copy pass unless there
+        are very many, in which case the copy pass walks the block status
+        again.
         """
         from array import array
         sectors, counts, kinds = array("q"), array("i"), bytearray()
+        files, hosts = array("i"), array("q")
         allocated = 0
         counted = self.counted
-        for sector, n, status in self.chunks():
+        for sector, n, status, file, host in self.chunks():
             if status in counted:
                 allocated += n
             if kinds is not None:
                 sectors.append(sector)
                 counts.append(n)
                 kinds.append(status)
+                files.append(file)
+                hosts.append(host)
                 if len(kinds) > PLAN_LIMIT:
-                    sectors, counts, kinds = None, None, None
-        plan = zip(sectors, counts, kinds) if kinds is not None else None
+                    sectors, counts, kinds, files, hosts = None, None, None, None, None
+        plan = zip(sectors, counts, kinds, files, hosts) if kinds is not None else None
         return plan, allocated
 
     def _copy_data(self, sector: int, n: int, data, first: int, writer) -> None:
@@ -845,7 +867,7 @@ class _Prefetch:
         copier = self._copier
         room = self._size // SECTOR
         plan = self._plan if self._plan is not None else copier.chunks()
-        hinting = self._plan is None          # the hints come from walking the status
+        files = copier.hint_files
         counted = copier.counted
         buf = None
         items: list[tuple[int, int, int, int]] = []
@@ -854,7 +876,7 @@ class _Prefetch:
         used = 0                      # sectors of buf taken
         run = _Runs()
         try:
-            for sector, n, status in plan:
+            for sector, n, status, file, host in plan:
                 if self._stop:
                     return
                 if status in counted:
@@ -884,9 +906,8 @@ class _Prefetch:
                     spans[-1][1] = last + 1
                 else:
                     spans.append([last, last + 1])
-                if hinting and copier.host_hint is not None:
-                    name, host, at = copier.host_hint
-                    hints.append((name, host + (sector - at) * SECTOR, n * SECTOR))
+                if file >= 0:
+                    hints.append((files[file], host, n * SECTOR))
                 items.append((sector, n, status, used))
                 used += n
             if items and not self._hand_over(buf, items, spans, hints, used):

@@ -165,11 +165,16 @@ def test_the_no_zero_sector_shortcut_agrees_with_the_sector_scan() -> None:
             assert any(buf[s * 512:s * 512 + 8] == bytes(8) for s in range(first, first + n))
 
 
-def test_read_ahead_hints_name_the_data_clusters(tmp_path, qemu_img, qemu_io, monkeypatch) -> None:
+@pytest.mark.parametrize("walk", ["reader", "first-pass", "first-pass-too-long"])
+def test_read_ahead_hints_name_the_data_clusters(tmp_path, qemu_img, qemu_io, monkeypatch,
+                                                 walk) -> None:
     """While reads are slow (forced here), each batch's host ranges are
     announced with POSIX_FADV_WILLNEED before they are read: the ranges are
     the source's data clusters (as qemu-img map reports them), and the
-    result is the same file as without hints."""
+    result is the same file as without hints. So whether the reader walks
+    the block status itself (the API without progress) or follows the
+    chunks of the first pass (progress: the command line always, for
+    SIGUSR1), kept or, past PLAN_LIMIT, walked again."""
     import json
     import os
     src = tmp_path / "frag.qcow2"
@@ -189,7 +194,10 @@ def test_read_ahead_hints_name_the_data_clusters(tmp_path, qemu_img, qemu_io, mo
         return original(self, hints)
     monkeypatch.setattr(copy._Prefetch, "_advise", slow_from_the_start)
     hinted = tmp_path / "hinted.qcow2"
-    _convert(src, hinted, out_fmt="qcow2")
+    if walk == "first-pass-too-long":
+        monkeypatch.setattr(copy, "PLAN_LIMIT", 2)
+    convert(ConvertJob(sources=[str(src)], target=str(hinted), out_fmt="qcow2", quiet=True),
+            progress=None if walk == "reader" else (lambda done, total: None))
     assert hinted.read_bytes() == plain.read_bytes()
     assert advised and all(a == os.POSIX_FADV_WILLNEED for _, _, a in advised)
     mapped = json.loads(subprocess.run([qemu_img, "map", "--output=json", str(src)],
