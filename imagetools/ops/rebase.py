@@ -132,202 +132,64 @@ def _new_backing(top, out_base: str, out_fmt: str | None, force_share: bool):
 
 def copy_differences(top, prefix, new, progress=None) -> None:
     """Copy into ``top`` every sector its backing file shows differently from
-    the new one, where ``top`` itself does not allocate (qemu-img's loop).
-
-    The walk is planned from ``top``'s block status a window of steps ahead;
-    a new backing file opened apart from the chain is read in a helper
-    thread (:class:`_ReadAhead`) while the old one is read, compared and
-    written here.
-    """
+    the new one, where ``top`` itself does not allocate (qemu-img's loop)."""
     old = top.backing
     size = top.size
     old_size = old.size if old is not None else 0
     target = prefix[1] if prefix is not None else new
     new_size = target.size if target is not None else 0
     step = 100.0 / (size // min(size, IO_BUF_SIZE)) if size else 0.0
+    old_buf, new_buf = bytearray(IO_BUF_SIZE), bytearray(IO_BUF_SIZE)
+    writeback = _Writeback(top)
+    offset = 0
     # Past the end of both backing files both read zeros: nothing can differ.
     # qemu-img walks and compares there anyway (a 1 PiB overlay takes hours);
     # only its -p records need the walk, not the reads.
     zeros_from = max(old_size, new_size)
     end = size if progress is not None and progress.enabled else min(size, zeros_from)
-    cuts = (old_size, new_size)
-    windows = _windows(_steps(top, prefix, end, size, old_size, new_size, zeros_from,
-                              target is not None), cuts)
-    # only an image that shares no driver with the chain is read by the helper
-    ahead = _ReadAhead(target) if new is not None and prefix is None else None
-    old_buf = bytearray(IO_BUF_SIZE)
-    new_buf = bytearray(IO_BUF_SIZE) if ahead is None else None
-    writeback = _Writeback(top)
-
-    def planned():
-        window = next(windows, None)
-        if window is not None and ahead is not None:
-            ahead.start([(s[1], s[2]) for s in window if s[0] == _DIFF and s[4]])
-        return window
-
-    try:
-        window = planned()
-        while window is not None:
-            # the next window is planned before this one is written, except
-            # after a step that ends where a backing file does (see _windows)
-            last = window[-1]
-            barrier = last[0] == _FAILED or last[1] + last[2] in cuts
-            following = None if barrier else planned()
-            for kind, offset, n, old_is_zero, read_new in window:
-                if kind == _DIFF:
-                    buf_old = memoryview(old_buf)[:n]
-                    if old_is_zero:
-                        buf_old[:] = bytes(n)
-                    else:
-                        _read("old", old.read_into, offset, buf_old)
-                    if not read_new:
-                        buf_new = bytes(n)
-                    elif ahead is None:
-                        buf_new = new_buf
-                        _read("new", target.read_into, offset, memoryview(new_buf)[:n])
-                    else:
-                        buf_new = _read("new", ahead.next)
-                    if _write_differences(top, offset, old_buf, buf_new, n, old_is_zero):
-                        writeback.wrote()
-                    if ahead is not None and read_new:
-                        ahead.release(buf_new)
-                elif kind == _FAILED:
-                    raise n
-                if kind != _SKIP and progress is not None:
-                    progress.print(step, 100)
-            writeback.start()
-            window = planned() if barrier else following
-    finally:
-        if ahead is not None:
-            ahead.close()
-
-
-def _read(which: str, read, *args):
-    """A read of the old or new backing file, failing with qemu-img's message."""
-    try:
-        return read(*args)
-    except ImageError:
-        raise Reported(f"error while reading from {which} backing file") from None
-
-
-# steps of the walk: (kind, offset, length, old backing file ended, new one read);
-# a block status that fails becomes a _FAILED step (the error in place of the
-# length), so that what comes before it is still done first, as in qemu-img
-_SKIP, _TICK, _DIFF, _FAILED = range(4)
-
-#: a window ends after this many bytes of the new backing file to read
-WINDOW_BYTES = 8 << 20
-
-
-def _steps(top, prefix, end, size, old_size, new_size, zeros_from, has_target):
-    """qemu-img rebase's walk: what each chunk needs, from ``top``'s block status."""
-    offset = 0
     while offset < end:
         n = min(IO_BUF_SIZE, size - offset)
         allocated, n = _run(top, offset, n, lambda e: e.depth == 0 and e.present)
         if allocated:
-            yield (_SKIP, offset, n, False, False)
             offset += n
             continue
         if prefix is not None:
             depth = prefix[0]
             above, n = _run(top, offset, n, lambda e: 0 < e.depth < depth and e.present)
             if not above:
-                yield (_SKIP, offset, n, False, False)
                 offset += n
                 continue
         if offset >= zeros_from:
-            yield (_TICK, offset, n, False, False)
+            progress.print(step, 100)
             offset += n
             continue
         old_is_zero = offset >= old_size
         if not old_is_zero:
             n = min(n, old_size - offset)
-        read_new = has_target and offset < new_size
-        if read_new:
+        if target is not None and offset < new_size:
             n = min(n, new_size - offset)
-        yield (_DIFF, offset, n, old_is_zero, read_new)
+        buf_old = memoryview(old_buf)[:n]
+        buf_new = memoryview(new_buf)[:n]
+        if old_is_zero:
+            buf_old[:] = bytes(n)
+        else:
+            _read("old", old.read_into, offset, buf_old)
+        if target is None or offset >= new_size:
+            buf_new[:] = bytes(n)
+        else:
+            _read("new", target.read_into, offset, buf_new)
+        writeback.wrote(_write_differences(top, offset, old_buf, new_buf, n, old_is_zero))
+        if progress is not None:
+            progress.print(step, 100)
         offset += n
 
 
-def _windows(steps, cuts: tuple[int, ...]):
-    """The steps in lists of a few MiB of reads. A list also ends after a
-    step that ends where a backing file ends (``cuts``), the one place a
-    step can end inside a cluster of ``top``: a write there allocates the
-    whole cluster, which changes the block status that the steps after it
-    are planned from, so they are planned only once it is written. (Every
-    other step ends at a 2 MiB boundary or at a change of block status.)"""
-    window: list[tuple] = []
-    size = 0
+def _read(which: str, read, *args) -> None:
+    """A read of the old or new backing file, failing with qemu-img's message."""
     try:
-        for step in steps:
-            window.append(step)
-            if step[4]:
-                size += step[2]
-            if size >= WINDOW_BYTES or step[1] + step[2] in cuts:
-                yield window
-                window, size = [], 0
-    except ImageError as err:
-        window.append((_FAILED, 0, err, False, False))
-    if window:
-        yield window
-
-
-class _ReadAhead:
-    """Reads the new backing file in a helper thread, ahead of the walk, into
-    a few reused buffers; its reads release the GIL, so they overlap with the
-    reading, comparing and writing done in the calling thread. An error is
-    raised where the walk takes that chunk."""
-
-    #: buffers read ahead
-    DEPTH = 3
-
-    def __init__(self, image) -> None:
-        import queue
-        import threading
-        self.image = image
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        self._ready: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(self.DEPTH):
-            self._free.put(bytearray(IO_BUF_SIZE))
-        self._thread = threading.Thread(target=self._work, daemon=True, name="qimg-rebase")
-        self._thread.start()
-
-    def start(self, ranges: list[tuple[int, int]]) -> None:
-        """Queue ``(offset, length)`` reads, taken in this order by :meth:`next`."""
-        if ranges:
-            self._jobs.put(ranges)
-
-    def _work(self) -> None:
-        while True:
-            ranges = self._jobs.get()
-            if ranges is None:
-                return
-            for offset, length in ranges:
-                buf = self._free.get()
-                if buf is None:
-                    return
-                try:
-                    self.image.read_into(offset, memoryview(buf)[:length])
-                except BaseException as err:          # raised in the caller's turn
-                    self._free.put(buf)
-                    buf = err
-                self._ready.put(buf)
-
-    def next(self) -> bytearray:
-        got = self._ready.get()
-        if isinstance(got, BaseException):
-            raise got
-        return got
-
-    def release(self, buf: bytearray) -> None:
-        self._free.put(buf)
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._free.put(None)            # wakes the helper waiting for a buffer
-        self._thread.join()
+        read(*args)
+    except ImageError:
+        raise Reported(f"error while reading from {which} backing file") from None
 
 
 def _run(top, offset: int, length: int, test) -> tuple[bool, int]:
@@ -352,46 +214,48 @@ def _run(top, offset: int, length: int, test) -> tuple[bool, int]:
 
 
 def _write_differences(top, offset: int, old: bytearray, new: bytearray, length: int,
-                       old_is_zero: bool) -> bool:
+                       old_is_zero: bool) -> int:
     """qemu-img's compare_buffers walk: maximal runs of 512-byte sectors that
     differ are written (zeros where the old backing file ended). Returns
-    whether anything was written."""
+    how many bytes were written."""
     view = memoryview(old)
-    runs = diff_runs(old, new, length)
-    for start, end in runs:
+    written = 0
+    for start, end in diff_runs(old, new, length):
         if old_is_zero:
             top.write_zeroes(offset + start, end - start)
         else:
             top.write(offset + start, view[start:end])     # written before it returns
-    return bool(runs)
+        written += end - start
+    return written
 
 
 class _Writeback:
-    """Starts the kernel writing ``top``'s dirty pages to disk after each
-    window that wrote something (sync_file_range, SYNC_FILE_RANGE_WRITE: it
-    does not wait), so that the disk writes overlap the walk instead of all
-    waiting for the flush at the end. Nothing about order or durability
-    changes: the kernel may write a dirty page back at any time anyway, and
-    the driver's flushes still come where they did.
+    """Starts the kernel writing ``top``'s dirty pages to disk every few MiB
+    written (sync_file_range, SYNC_FILE_RANGE_WRITE: it does not wait), so
+    that the disk writes overlap the walk instead of all waiting for the
+    flush at the end. Nothing about order or durability changes: the kernel
+    may write a dirty page back at any time anyway, and the driver's
+    flushes still come where they did.
 
     1 GiB overlay, about 90 MiB written: the first flush after the walk took
     about 40 ms, 1 ms with this."""
 
     SYNC_FILE_RANGE_WRITE = 2
+    EVERY = 8 << 20
 
     def __init__(self, top) -> None:
         files = (getattr(top, "file", None), getattr(top, "data_file", None))
         self.fds = [f.fd for f in files if isinstance(getattr(f, "fd", None), int)]
-        self.dirty = False
+        self.pending = 0
         self._call = None
 
-    def wrote(self) -> None:
-        self.dirty = True
+    def wrote(self, nbytes: int) -> None:
+        self.pending += nbytes
+        if self.pending >= self.EVERY and self.fds:
+            self.pending = 0
+            self._start()
 
-    def start(self) -> None:
-        if not self.dirty or not self.fds:
-            return
-        self.dirty = False
+    def _start(self) -> None:
         if self._call is None:
             try:
                 import ctypes
