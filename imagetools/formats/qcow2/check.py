@@ -404,8 +404,10 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     Qualifies a plain table (:func:`~.tables.plain_clusters`: unallocated,
     data or zero clusters, nothing compressed, reserved or unaligned) whose
     host clusters are inside the file, with refcounts of 8 bits or more;
-    only the refcount increments are a Python loop. Returns False (nothing
-    changed) when the table needs the entry-by-entry walk.
+    only the refcount increments are a Python loop, and not even that for
+    a table of contiguous clusters not counted before (:func:`_count_run`).
+    Returns False (nothing changed) when the table needs the entry-by-entry
+    walk.
     """
     if drv.layout.refcount_bits < 8:
         return False
@@ -416,10 +418,29 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
     if not ks:
         return True
     counts = counter.counts
-    # a view that ends with the last whole cluster of the file: a cluster
-    # past it (IndexError) is reported one by one, as is a refcount over
-    # the width (ValueError); both undo what was counted
-    view = memoryview(counts)[:min(len(counts), counter.file_len >> drv.cluster_bits)]
+    # counted here: clusters up to the last whole one of the file
+    limit = min(len(counts), counter.file_len >> drv.cluster_bits)
+    run = ks[-1] - ks[0] == len(ks) - 1          # perhaps one run of clusters
+    clusters = array("Q", ks) if active or run else None
+    run = run and not _discontiguous(clusters)
+    if not (run and _count_run(counts, ks[0], len(ks), limit)) and \
+            not _count_each(counts, ks, limit):
+        return False
+    if active:
+        # clusters: kept for the COPIED check (8 bytes a cluster)
+        res.allocated_clusters += len(clusters)
+        res.fragmented_clusters += 0 if run else _discontiguous(clusters)
+        counter.plain_l2[l2_offset] = (clusters, copied)
+    return True
+
+
+def _count_each(counts: array, ks: list[int], limit: int) -> bool:
+    """One reference to each of clusters ``ks``, one by one; False (nothing
+    changed) if one is at or past ``limit`` or its refcount would overflow."""
+    # a cluster past the view (IndexError) is reported one by one by the
+    # entry walk, as is a refcount over the width (ValueError); both undo
+    # what was counted
+    view = memoryview(counts)[:limit]
     it = iter(ks)
     try:
         for k in it:
@@ -433,12 +454,29 @@ def _plain_l2(drv: "Qcow2Driver", res: CheckResult, counter: _Counter, l2_offset
         return False
     finally:
         view.release()               # counts may grow again
-    if active:
-        clusters = array("Q", ks)    # kept for the COPIED check: 8 bytes a cluster
-        res.allocated_clusters += len(clusters)
-        res.fragmented_clusters += _discontiguous(clusters)
-        counter.plain_l2[l2_offset] = (clusters, copied)
     return True
+
+
+def _count_run(counts: array, first: int, n: int, limit: int) -> bool:
+    """One reference to each of clusters ``first`` .. ``first + n - 1`` at once
+    if none of them has one yet (a table of contiguous clusters, the usual
+    image): their refcounts become 1. False (nothing changed) otherwise."""
+    if first + n > limit:
+        return False
+    width = counts.itemsize
+    raw = memoryview(counts).cast("B")
+    try:
+        lo, hi = first * width, (first + n) * width
+        if raw[lo:hi].tobytes().count(0) != hi - lo:
+            return False
+        raw[lo:hi] = _ONE[width] * n
+    finally:
+        raw.release()                # counts may grow again
+    return True
+
+
+#: a refcount of 1 in the counts' byte order, by width
+_ONE = {w: (1).to_bytes(w, "little" if _NATIVE_LE else "big") for w in (1, 2, 4, 8)}
 
 
 def _discontiguous(clusters: array) -> int:

@@ -237,3 +237,51 @@ def test_plain_clusters_of_a_full_table(cbits):
         words[7] &= ~(1 << 63) if copied else ~0
         if copied:
             assert plain_clusters(words, cbits) == (ks, False)
+
+
+@pytest.mark.parametrize("code", ["B", "H", "I", "Q"])
+def test_count_run_and_count_each(code):
+    """A run of clusters with no reference yet is counted at once; one with a
+    reference already, or past the limit, is left alone (nothing changed) and
+    counted one by one, which also counts duplicates and undoes an overflow."""
+    from imagetools.formats.qcow2.check import _count_each, _count_run
+    counts = array(code, [1, 0, 0, 0, 0, 2, 0, 0])
+    assert _count_run(counts, 1, 4, 8)
+    assert list(counts) == [1, 1, 1, 1, 1, 2, 0, 0]
+    for first, n in ((4, 3), (6, 3)):        # a counted cluster in it; past the limit
+        before = array(code, counts)
+        assert not _count_run(counts, first, n, 8)
+        assert counts == before
+    assert _count_each(counts, [6, 7, 6, 0], 8)
+    assert list(counts) == [2, 1, 1, 1, 1, 2, 2, 1]
+    before = array(code, counts)
+    assert not _count_each(counts, [6, 7, 8], 8)     # 8 is past the limit: undone
+    assert counts == before
+    if code == "B":
+        counts[3] = 254
+        assert not _count_each(counts, [2, 3, 1, 3], 8)   # 3 would reach 256: undone
+        assert list(counts) == [2, 1, 1, 254, 1, 2, 2, 1]
+
+
+@pytest.mark.parametrize("bits", [8, 16, 64])
+def test_contiguous_tables_shared_with_a_snapshot(qemu_img, qemu_io, qimg, tmp_path, bits,
+                                                  monkeypatch):
+    """Tables of contiguous clusters are counted a run at a time; the same
+    tables again for a snapshot (their clusters counted already) one by one,
+    and a file cut inside the last run leaves that table to the entry walk."""
+    from imagetools.formats.qcow2 import check
+    from imagetools.image import open_image
+    path = make(qemu_img, qemu_io, tmp_path / "run.qcow2", "8M",
+                f"cluster_size=4k,refcount_bits={bits}", "write -P 1 0 3M")
+    same_check(qemu_img, qimg, path)
+    run(qemu_img, "snapshot", "-c", "one", path)
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 2 1M 64k", "-c", "write -P 3 5M 1M", path)
+    same_check(qemu_img, qimg, path)
+    outcomes = []
+    real = check._count_run
+    monkeypatch.setattr(check, "_count_run", lambda *a: outcomes.append(real(*a)) or outcomes[-1])
+    with open_image(path) as drv:
+        drv.check()
+    assert True in outcomes and False in outcomes        # both ways were taken
+    os.truncate(path, os.path.getsize(path) - 3 * 4096)
+    same_check(qemu_img, qimg, path)
