@@ -1,3 +1,3 @@
-from imagetools.cli import main
+from imagetools.cli import run
 
-raise SystemExit(main())
+run()

@@ -1,7 +1,8 @@
 """``qimg``: command-line entry point of the image engine (qemu-img 7.2 syntax).
 
 ``main`` only reads the global options (``-h``, ``-V``, ``-T``), finds the
-command and hands it the rest of the command line. Each command lives in
+command and hands it the rest of the command line; ``run`` (the installed
+``qimg`` program) calls it and exits. Each command lives in
 ``imagetools.ops.<command>`` and is imported only when it runs, so a small
 command such as ``info`` starts nearly as fast as a bare interpreter.
 
@@ -68,6 +69,38 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{prog}: internal error: {type(err).__name__}: {err}"
                          " (set QIMG_DEBUG=1 for a traceback)\n")
         return 1
+
+
+def run() -> None:
+    """The ``qimg`` program: :func:`main`, then exit with its status.
+
+    The exit skips the interpreter's finalization (freeing every module and
+    object: about 1.3 ms of a 12 ms ``qimg info``) once the output is
+    flushed, as every image is closed by then. It is a normal exit when
+    something may still need the interpreter: another thread alive, or an
+    ``atexit`` callback registered (the fault-injection counter).
+    """
+    status = main() or 0
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        status = status or 1
+    except OSError:
+        status = status or 1
+    if _nothing_left_to_finish():
+        os._exit(status)
+    sys.exit(status)
+
+
+def _nothing_left_to_finish() -> bool:
+    import atexit
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return False
+    callbacks = getattr(atexit, "_ncallbacks", None)     # CPython's count
+    return callbacks is not None and callbacks() == 0
 
 
 def _dispatch(prog: str, args: list[str]) -> int:

@@ -23,7 +23,7 @@ def qimg_wrapper(directory: Path, name: str) -> str:
     its error lines carry the same prefix as the real tool's)."""
     path = directory / name
     path.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-                    "from imagetools.cli import main\nsys.exit(main())\n")
+                    "from imagetools.cli import run\nrun()\n")
     path.chmod(0o755)
     return str(path)
 

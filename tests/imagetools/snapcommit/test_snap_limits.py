@@ -36,7 +36,7 @@ def capped(qemu_img, qemu_io, tmp_path) -> Pair:
     wrapper.write_text(f"#!{sys.executable}\nimport resource, sys\n"
                        f"resource.setrlimit(resource.RLIMIT_AS, ({_AS_LIMIT}, {_AS_LIMIT}))\n"
                        f"sys.path.insert(0, {str(ROOT)!r})\n"
-                       "from imagetools.cli import main\nsys.exit(main())\n")
+                       "from imagetools.cli import run\nrun()\n")
     wrapper.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
