@@ -69,12 +69,25 @@ class ImageLockedError(ImageOpenError):
 
 
 class ImageIOError(ImageError):
-    """A read, write or flush of the host file failed (``errno`` kept)."""
+    """A read, write or flush of the host file failed (``errno`` kept).
 
-    def __init__(self, message: str, errno: int | None = None) -> None:
+    ``offset``: the guest offset the failure is about, where the driver
+    knows it (a corrupt table entry), for reports such as convert's
+    ``error while reading block status at offset N``.
+    """
+
+    def __init__(self, message: str, errno: int | None = None, *,
+                 offset: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+        self.offset = offset
 
 
 class UsageError(ImageError):
     pass
+
+
+def c_hex(value: int) -> str:
+    """C's ``%#x``, as QEMU's messages print offsets and indices: ``0`` for
+    zero, ``0x...`` otherwise."""
+    return f"{value:#x}" if value else "0"

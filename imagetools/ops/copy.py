@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 
-from imagetools.errors import ImageError
+from imagetools.errors import ImageError, ImageIOError
 from imagetools.ops.zeroscan import no_zero_sector, sector_heads
 from imagetools.output import Reported, warn
 from imagetools.record import Record
@@ -301,9 +301,16 @@ class _Status:
                 from imagetools.ops.common import status_runs
                 self._iters[index] = status_runs(self.sources[index], offset)
             it = self._iters[index]
-            ext = next(it, None)
-            while ext is not None and ext.start + ext.length <= offset:
+            try:
                 ext = next(it, None)
+                while ext is not None and ext.start + ext.length <= offset:
+                    ext = next(it, None)
+            except ImageIOError as err:
+                # as qemu-img: where the status query failed (a corrupt
+                # entry's guest offset, where the driver knows it)
+                at = offset if err.offset is None else max(err.offset, offset)
+                raise ImageError(f"error while reading block status at offset {at}: "
+                                 f"{err}") from None
             if ext is None:
                 raise ImageError(f"error while reading block status at offset {offset}")
             self._current[index] = ext

@@ -15,6 +15,8 @@ qemu-img's own layout, not through the pretty printer.
 from __future__ import annotations
 
 import sys
+
+from imagetools.errors import c_hex as _hex
 from imagetools.ops.args import Getopt, show_help, usage_error
 from imagetools.output import Reported
 
@@ -246,8 +248,3 @@ def _human_line(s: int, l: int, st, o: int | None, lines: list[str]) -> None:
         raise Reported("File contains external, encrypted or compressed clusters.")
     if st.data and not st.zero:
         lines.append(f"{_hex(s):<16}{_hex(l):<16}{_hex(o):<16}{st.filename or ''}\n")
-
-
-def _hex(value: int) -> str:
-    """C's ``%#x``: ``0`` for zero, ``0x...`` otherwise."""
-    return f"{value:#x}" if value else "0"

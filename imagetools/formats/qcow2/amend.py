@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from array import array
 
-from imagetools.errors import ImageError, UnsupportedError
+from imagetools.errors import ImageError, UnsupportedError, c_hex
 from imagetools.formats.qcow2 import header as hdr
 from imagetools.formats.qcow2.layout import (
     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, REFT_OFFSET_MASK, ZERO_ALLOC,
@@ -232,7 +232,7 @@ def _expand_in_l1(drv: "Qcow2Driver", l1, snapshot, visited: list[int], total: i
         if l2_offset:
             if l2_offset % cs:
                 drv.signal_corruption(f"L2 table offset {l2_offset:#x} unaligned "
-                                      f"(L1 index: {l1i:#x})")
+                                      f"(L1 index: {c_hex(l1i)})")
             shared = rc.get(l2_offset >> drv.cluster_bits)
             if snapshot is None:
                 table = drv.l2_cache.get(l2_offset)
@@ -324,7 +324,7 @@ def change_refcount_order(drv: "Qcow2Driver", order: int, progress: _Helper) -> 
                 c = next(k for k, v in enumerate(counts) if v > new_max)
                 emit_to((lo + c) // old_entries)
                 raise ImageError(f"Cannot decrease refcount entry width to {new_bits} bits: "
-                                 f"Cluster at offset {(lo + c) * cs:#x} has a refcount of "
+                                 f"Cluster at offset {c_hex((lo + c) * cs)} has a refcount of "
                                  f"{counts[c]}")
             emit_to((lo + new_entries - 1) // old_entries)
             if b not in blocks:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from itertools import compress, repeat
 
-from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError
+from imagetools.errors import CorruptImageError, ImageError, ImageIOError, UnsupportedError, c_hex
 from imagetools.formats.base import Extent, MapStatus
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2 import header as hdr
@@ -77,7 +77,8 @@ class Qcow2Reader:
             return None
         if offset % self._cluster_size:
             self.signal_corruption(f"L2 table offset {offset:#x} unaligned "
-                                   f"(L1 index: {l1_index:#x})")
+                                   f"(L1 index: {c_hex(l1_index)})",
+                                   at=l1_index * self.layout.l2_coverage)
         return self.l2_cache.get(offset).values
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
@@ -178,7 +179,8 @@ class Qcow2Reader:
                     type_ = NORMAL
                 if type_ == NORMAL or type_ == ZERO_ALLOC:
                     if entry & unaligned:
-                        self._unaligned_cluster(entry, values, idx)
+                        self._unaligned_cluster(entry, values, idx,
+                                                at=table_base + (idx << cbits))
                     expect = entry + cs
                     while j <= lim and values[j] == expect:
                         expect += cs
@@ -194,20 +196,21 @@ class Qcow2Reader:
             s = stop
             idx = j
 
-    def _unaligned_cluster(self, entry: int, values, idx: int) -> None:
+    def _unaligned_cluster(self, entry: int, values, idx: int, *, at: int) -> None:
         table = next((t.offset for t in self.l2_cache.tables.values() if t.values is values), 0)
-        # C's %#x, as QEMU prints them: 0 without the 0x
         self.signal_corruption(f"Cluster allocation offset {entry & L2E_OFFSET_MASK:#x} "
-                               f"unaligned (L2 offset: {table:#x}, L2 index: "
-                               f"{f'{idx:#x}' if idx else '0'})")
+                               f"unaligned (L2 offset: {c_hex(table)}, L2 index: "
+                               f"{c_hex(idx)})", at=at)
 
-    def signal_corruption(self, message: str, *, fatal: bool = True) -> None:
+    def signal_corruption(self, message: str, *, fatal: bool = True,
+                          at: int | None = None) -> None:
         """Report metadata corruption as QEMU does and fail the request with EIO.
 
         On a writable image a fatal corruption sets the corrupt bit (so that
         nothing writes into it again until it is repaired); otherwise it is
         only reported. Either way the first report of a session is printed
-        (through imagetools.image.warn) and later ones are not.
+        (through imagetools.image.warn) and later ones are not. ``at``: the
+        guest offset the corrupt entry maps, kept in the error.
         """
         import errno
         from imagetools.image import warn
@@ -221,7 +224,7 @@ class Qcow2Reader:
             else:
                 warn(f"qcow2: Image is corrupt: {message}; further non-fatal corruption events "
                      "will be suppressed")
-        raise ImageIOError("Input/output error", errno.EIO)
+        raise ImageIOError("Input/output error", errno.EIO, offset=at)
 
     def _subcluster_pieces(self, entry: int, bitmap: int, cstart: int, s: int, e: int,
                            append) -> None:
@@ -231,7 +234,7 @@ class Qcow2Reader:
             return
         if entry & (self._cluster_size - 1) & L2E_OFFSET_MASK:
             self.signal_corruption(f"Cluster allocation offset {entry & L2E_OFFSET_MASK:#x} "
-                                   "unaligned")
+                                   "unaligned", at=s)
         sbits = layout.subcluster_bits
         host_base = entry & L2E_OFFSET_MASK
         sc = (s - cstart) >> sbits

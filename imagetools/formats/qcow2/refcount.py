@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 # ``array`` is imported where it is used (it imports ``collections``, about
 # 1.4 ms of a start-up that ``info`` does not otherwise need).
 
-from imagetools.errors import CorruptImageError, ImageError
+from imagetools.errors import CorruptImageError, ImageError, c_hex
 from imagetools.formats.hostfile import HostFile
 from imagetools.formats.qcow2.header import QCOW_MAX_REFTABLE_SIZE
 from imagetools.formats.qcow2.layout import REFT_OFFSET_MASK, Layout
@@ -113,7 +113,7 @@ class Refcounts:
             return None
         if offset % self.layout.cluster_size:
             raise CorruptImageError(f"Refblock offset {offset:#x} unaligned (reftable index: "
-                                    f"{index:#x})")
+                                    f"{c_hex(index)})")
         raw = self.file.pread_full(offset, self.layout.cluster_size)
         blk = RefBlock(offset, self._decode(raw))
         self.blocks[index] = blk
