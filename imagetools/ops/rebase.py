@@ -230,8 +230,8 @@ def _write_differences(top, offset: int, old: bytearray, new: bytearray, length:
 
 
 class _Writeback:
-    """Starts the kernel writing ``top``'s dirty pages to disk every few MiB
-    written (sync_file_range, SYNC_FILE_RANGE_WRITE: it does not wait), so
+    """Has the kernel start writing ``top``'s dirty pages to disk every few
+    MiB written (:meth:`HostFile.start_writeback`, which does not wait), so
     that the disk writes overlap the walk instead of all waiting for the
     flush at the end. Nothing about order or durability changes: the kernel
     may write a dirty page back at any time anyway, and the driver's
@@ -240,33 +240,19 @@ class _Writeback:
     1 GiB overlay, about 90 MiB written: the first flush after the walk took
     about 40 ms, 1 ms with this."""
 
-    SYNC_FILE_RANGE_WRITE = 2
     EVERY = 8 << 20
 
     def __init__(self, top) -> None:
         files = (getattr(top, "file", None), getattr(top, "data_file", None))
-        self.fds = [f.fd for f in files if isinstance(getattr(f, "fd", None), int)]
+        self.files = [f for f in files if hasattr(f, "start_writeback")]
         self.pending = 0
-        self._call = None
 
     def wrote(self, nbytes: int) -> None:
         self.pending += nbytes
-        if self.pending >= self.EVERY and self.fds:
+        if self.pending >= self.EVERY:
             self.pending = 0
-            self._start()
-
-    def _start(self) -> None:
-        if self._call is None:
-            try:
-                import ctypes
-                call = ctypes.CDLL(None, use_errno=True).sync_file_range
-            except (OSError, AttributeError):       # not Linux: the flush does it all
-                self.fds = []
-                return
-            call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            self._call = call
-        for fd in self.fds:
-            self._call(fd, 0, 0, self.SYNC_FILE_RANGE_WRITE)    # a hint: errors do not matter
+            for file in self.files:
+                file.start_writeback()
 
 
 DIFF_BLOCK = 64 << 10
