@@ -87,7 +87,9 @@ def run() -> None:
     except BrokenPipeError:
         _silence_stdout()
         status = status or 1
-    except OSError:
+    except OSError as err:          # e.g. a full disk under a redirection
+        _silence_stdout()
+        os.write(2, f"qimg: error writing output: {err.strerror or err}\n".encode())
         status = status or 1
     if _nothing_left_to_finish():
         os._exit(status)

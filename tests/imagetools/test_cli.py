@@ -219,6 +219,21 @@ def test_the_program_exits_without_finalizing_once_its_output_is_out(tmp_path) -
         == image.stat().st_size
 
 
+def test_the_program_reports_output_it_could_not_write(tmp_path) -> None:
+    """Output that fails when run() flushes it (a full disk under a
+    redirection): one line on stderr and status 1, not a silent success."""
+    prelude = ("import errno, io\n"
+               "class Full(io.RawIOBase):\n"
+               "    def writable(self):\n"
+               "        return True\n"
+               "    def write(self, data):\n"
+               "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+               "sys.stdout = io.TextIOWrapper(io.BufferedWriter(Full()))")
+    proc = _run_program(tmp_path, prelude, "--version")
+    assert proc.returncode == 1
+    assert proc.stderr == b"qimg: error writing output: No space left on device\n"
+
+
 def test_the_program_exits_normally_when_something_is_left_to_finish(tmp_path) -> None:
     """Another thread alive, or an atexit callback (the fault-injection
     counter registers one): the normal exit, which waits for the thread and
